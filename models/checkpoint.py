@@ -1,0 +1,138 @@
+"""Reading BLIP checkpoints safely and loading them into our models with every gap reported.
+
+``load_checkpoint(model, url_or_filename)`` keeps the original's name and ``(model, msg)`` return, but:
+  * files are read with ``torch.load(weights_only=True)``: a pickle that would run code is refused;
+  * remaps are explicit pure functions (pos-embed resize here, model-specific ones through a
+    ``remap_checkpoint(state_dict)`` method on the model, e.g. the NLVR2 twin expansion);
+  * keys the model does not use are dropped *and reported*; a shape mismatch is an error naming the
+    key and both shapes (the original silently deleted such keys).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from models.vit import interpolate_pos_embed
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class LoadResult(NamedTuple):
+    """What ``load_checkpoint`` did: keys the model kept random, and keys of the file it dropped."""
+    missing_keys: list
+    unexpected_keys: list
+
+
+def is_url(url_or_filename: str) -> bool:
+    return urlparse(str(url_or_filename)).scheme in ('http', 'https')
+
+
+def download_cached_file(url: str, progress: bool = True) -> str:
+    """Download ``url`` once into torch hub's checkpoint cache and return the local path."""
+    cache_dir = Path(torch.hub.get_dir()) / 'checkpoints'
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / os.path.basename(urlparse(url).path)
+    if not target.exists():
+        print(f'downloading {url} to {target}')
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=progress)  # writes a temp file, then moves
+        except Exception as e:  # network errors come in many types; name the URL either way
+            raise CheckpointError(f'could not download checkpoint {url}: {e}') from e
+    return str(target)
+
+
+def resolve_checkpoint_path(url_or_filename: str) -> str:
+    if is_url(url_or_filename):
+        return download_cached_file(url_or_filename)
+    path = url_or_filename[len('file://'):] if str(url_or_filename).startswith('file://') else url_or_filename
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint url or path is invalid: {url_or_filename!r} (no such file)')
+    return path
+
+
+def read_checkpoint(url_or_filename: str) -> dict:
+    """Load a checkpoint file or URL with ``weights_only=True`` and return its dict."""
+    path = resolve_checkpoint_path(url_or_filename)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{path}: refused to load: the file holds pickled Python objects that would run code when '
+            f'loaded (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). Only load files '
+            f'you trust; re-save a trusted one as a plain dict of tensors.') from e
+    except Exception as e:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint: {e}') from e
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'{path}: expected a dict, got {type(checkpoint).__name__}')
+    return dict(checkpoint)
+
+
+def extract_state_dict(checkpoint: Mapping[str, Any], source: str = '') -> dict[str, torch.Tensor]:
+    """``checkpoint['model']`` (our and the original's layout), else the dict itself; HF layouts converted."""
+    state_dict = checkpoint.get('model', checkpoint)
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f'{source}: checkpoint has no state dict of tensors (non-tensor keys {bad[:5]})')
+    if any(k.startswith(('vision_model.', 'text_encoder.encoder.layer.0.crossattention.self.query')) for k in state_dict) \
+            and not any(k.startswith('visual_encoder.') for k in state_dict):
+        from models.convert_hf import hf_to_blip  # HF transformers' Blip* layout
+        state_dict = hf_to_blip(state_dict)
+    return dict(state_dict)
+
+
+def resize_pos_embeds(state_dict: dict, model: nn.Module) -> dict:
+    """Interpolate ``visual_encoder(_m).pos_embed`` to the model's image size (bicubic, CLS kept)."""
+    state_dict = dict(state_dict)
+    for name in ('visual_encoder', 'visual_encoder_m'):
+        key = f'{name}.pos_embed'
+        if key in state_dict and hasattr(model, name):
+            state_dict[key] = interpolate_pos_embed(state_dict[key], getattr(model, name))
+    return state_dict
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = '',
+                            verbose: bool = True) -> LoadResult:
+    """Load with every difference accounted for: unused keys dropped and reported, bad shapes an error."""
+    own = model.state_dict()
+    unexpected = sorted(k for k in state_dict if k not in own)
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise CheckpointError(f'{source}: shape mismatch for {len(mismatched)} key(s):\n  ' + '\n  '.join(mismatched))
+    kept = {k: v for k, v in state_dict.items() if k in own}
+    result = model.load_state_dict(kept, strict=False)
+    missing = sorted(result.missing_keys)
+    if verbose:
+        print(f'load checkpoint from {source}: {len(kept)} keys loaded, {len(unexpected)} unused keys dropped'
+              + (f' (e.g. {unexpected[:3]})' if unexpected else '')
+              + f', {len(missing)} missing' + (f' (e.g. {missing[:3]})' if missing else ''))
+    return LoadResult(missing, unexpected)
+
+
+def load_checkpoint(model: nn.Module, url_or_filename: str, verbose: bool = True) -> tuple[nn.Module, LoadResult]:
+    """Load an official BLIP (or our, or HF-format) checkpoint into ``model``.
+
+    Returns:
+        (model, msg) where ``msg.missing_keys`` lists parameters left at their initial values and
+        ``msg.unexpected_keys`` lists checkpoint keys the model does not use (dropped).
+    """
+    state_dict = extract_state_dict(read_checkpoint(url_or_filename), str(url_or_filename))
+    state_dict = resize_pos_embeds(state_dict, model)
+    if hasattr(model, 'remap_checkpoint'):
+        state_dict = model.remap_checkpoint(state_dict)
+    return model, load_state_dict_checked(model, state_dict, str(url_or_filename), verbose)
+
+
+def require_no_missing(msg: LoadResult, factory: str, source: str) -> None:
+    """The original asserts that these factories find every key in the checkpoint."""
+    if msg.missing_keys:
+        raise CheckpointError(f'{factory}: checkpoint {source} lacks {len(msg.missing_keys)} key(s) the model '
+                              f'needs, e.g. {msg.missing_keys[:5]}')

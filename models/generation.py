@@ -1,0 +1,217 @@
+"""Beam search, greedy and nucleus-sampling decoding over the MED decoder.
+
+Decoding semantics follow transformers 4.15's ``generate`` as BLIP used it (reference section 13),
+so the same weights give the same tokens as the original. What differs is the work done:
+  * self-attention keys/values are cached and appended one token per step;
+  * each image's cross-attention keys/values are computed once per layer and shared by all of its
+    beams / samples (rows are grouped per image, see ``models.med``), never copied or recomputed;
+  * the beam bookkeeping reads one small tensor per step from the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from models.med import MEDLMHeadModel
+
+
+class _Decoder:
+    """Runs the decoder one step at a time: self-attention KV cache + per-image cross K/V."""
+
+    def __init__(self, decoder: MEDLMHeadModel, encoder_hidden_states, encoder_attention_mask):
+        self.decoder = decoder
+        self.cross_kv = decoder.bert.precompute_cross_kv(encoder_hidden_states)
+        self.cross_mask = encoder_attention_mask
+        self.past = None
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [R, V] (fp32) for the last position; feeds only the new tokens."""
+        new = input_ids if self.past is None else input_ids[:, -1:]
+        out = self.decoder.bert(new, past_key_values=self.past, use_cache=True, cross_kv=self.cross_kv,
+                                encoder_attention_mask=self.cross_mask, is_decoder=True, mode='multimodal')
+        self.past = out.past_key_values
+        return self.decoder.cls(out.last_hidden_state[:, -1]).float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.past = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.past]
+
+
+def apply_repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Every token already in the row (prompt included, once): s*penalty if s<0 else s/penalty."""
+    if penalty == 1.0:
+        return scores
+    seen = scores.gather(1, input_ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, input_ids, seen)
+
+
+def apply_min_length(scores: torch.Tensor, cur_len: int, min_length: int, eos_token_id: int) -> torch.Tensor:
+    if cur_len < min_length:
+        scores = scores.clone()
+        scores[:, eos_token_id] = float('-inf')
+    return scores
+
+
+def top_k_top_p_filter(scores: torch.Tensor, top_k: int = 50, top_p: float = 1.0) -> torch.Tensor:
+    """transformers' TopK then TopP warpers: removed scores become -inf, at least one token is kept."""
+    if top_k > 0:
+        k = min(top_k, scores.shape[-1])
+        kth = scores.topk(k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float('-inf'))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the first token that crosses top_p
+        remove[..., 0] = False
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float('-inf'))
+    return scores
+
+
+@dataclass
+class _Hypotheses:
+    """Finished hypotheses of one image (transformers 4.15 BeamHypotheses, length_penalty 1)."""
+    num_beams: int
+    beams: list = field(default_factory=list)
+    worst_score: float = 1e9
+
+    def add(self, ids: list, sum_logprobs: float) -> None:
+        score = sum_logprobs / len(ids)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, ids))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
+        return len(self.beams) >= self.num_beams and self.worst_score >= best_sum_logprobs / cur_len
+
+
+@torch.no_grad()
+def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_states,
+             encoder_attention_mask: Optional[torch.Tensor] = None, *, sample: bool = False, num_beams: int = 1,
+             max_length: int = 30, min_length: int = 0, top_p: float = 1.0, top_k: int = 50,
+             repetition_penalty: float = 1.0, num_return_sequences: int = 1, eos_token_id: int = 102,
+             pad_token_id: int = 0) -> torch.Tensor:
+    """Decode continuations of ``input_ids`` conditioned on image (or question) states.
+
+    Args:
+        input_ids: [B, P] prompt ids, one row per image.
+        encoder_hidden_states: [B, N, W] states the decoder cross-attends to (one per image).
+        encoder_attention_mask: [B, N] or None (all valid).
+        max_length / min_length: totals including the P prompt tokens (transformers' convention).
+        num_return_sequences: best hypotheses per image (beam search) or samples per image.
+
+    Returns:
+        [B * num_return_sequences, T] token ids, rows grouped per image, ``[PAD]`` after the end.
+    """
+    if sample:
+        return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, True,
+                                 max_length, min_length, top_k, top_p, repetition_penalty,
+                                 num_return_sequences, eos_token_id, pad_token_id)
+    if num_beams == 1:
+        if num_return_sequences != 1:
+            raise ValueError('greedy decoding returns one sequence per image; use beams or sampling')
+        return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, False,
+                                 max_length, min_length, 0, 1.0, repetition_penalty, 1, eos_token_id,
+                                 pad_token_id)
+    if num_return_sequences > num_beams:
+        raise ValueError(f'num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})')
+    return _beam_search(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, num_beams,
+                        max_length, min_length, repetition_penalty, num_return_sequences, eos_token_id,
+                        pad_token_id)
+
+
+def _sample_or_greedy(decoder, input_ids, states, mask, sample, max_length, min_length, top_k, top_p,
+                      repetition_penalty, n, eos, pad):
+    ids = input_ids.repeat_interleave(n, 0)                                # [B*n, P]
+    runner = _Decoder(decoder, states, mask)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
+    while ids.shape[1] < max_length:
+        scores = runner.logits(ids)
+        scores = apply_repetition_penalty(scores, ids, repetition_penalty)
+        scores = apply_min_length(scores, ids.shape[1], min_length, eos)
+        if sample:
+            scores = top_k_top_p_filter(scores, top_k, top_p)
+            next_tokens = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        else:
+            next_tokens = scores.argmax(-1)
+        next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        ids = torch.cat([ids, next_tokens[:, None]], 1)
+        unfinished = unfinished * (next_tokens != eos).long()
+        if not bool(unfinished.any()):
+            break
+    return ids
+
+
+def _beam_search(decoder, input_ids, states, mask, k, max_length, min_length, repetition_penalty, n_return,
+                 eos, pad):
+    B, device = input_ids.shape[0], input_ids.device
+    ids = input_ids.repeat_interleave(k, 0)                                # [B*k, P], beams grouped per image
+    host_ids = ids.cpu().tolist()
+    beam_scores = torch.zeros(B, k, device=device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: expand only the first one
+    beam_scores = beam_scores.view(-1)
+    hyps = [_Hypotheses(k) for _ in range(B)]
+    done = [False] * B
+    runner = _Decoder(decoder, states, mask)
+    while ids.shape[1] < max_length:
+        cur_len = ids.shape[1]
+        scores = F.log_softmax(runner.logits(ids), -1)                      # [B*k, V]
+        scores = apply_repetition_penalty(scores, ids, repetition_penalty)
+        scores = apply_min_length(scores, cur_len, min_length, eos)
+        V = scores.shape[1]
+        scores = (scores + beam_scores[:, None]).view(B, k * V)
+        top_scores, top_ids = scores.topk(2 * k, dim=1)                    # [B, 2k], sorted
+        top_scores_h, top_ids_h = top_scores.tolist(), top_ids.tolist()    # the step's one device->host read
+        next_scores, next_tokens, next_rows = [], [], []
+        for b in range(B):
+            if done[b]:
+                next_scores += [0.0] * k
+                next_tokens += [pad] * k
+                next_rows += [b * k] * k
+                continue
+            chosen = 0
+            for rank, (score, flat) in enumerate(zip(top_scores_h[b], top_ids_h[b])):
+                row, token = b * k + flat // V, flat % V
+                if token == eos:
+                    if rank < k:
+                        hyps[b].add(host_ids[row], score)
+                else:
+                    next_scores.append(score)
+                    next_tokens.append(token)
+                    next_rows.append(row)
+                    chosen += 1
+                if chosen == k:
+                    break
+            done[b] = done[b] or hyps[b].is_done(top_scores_h[b][0], cur_len)
+        rows = torch.tensor(next_rows, device=device)
+        tokens = torch.tensor(next_tokens, device=device)
+        beam_scores = torch.tensor(next_scores, device=device)
+        ids = torch.cat([ids.index_select(0, rows), tokens[:, None]], 1)
+        host_ids = [host_ids[r] + [t] for r, t in zip(next_rows, next_tokens)]
+        runner.reorder(rows)
+        if all(done):
+            break
+    final_scores = beam_scores.tolist()
+    for b in range(B):
+        if not done[b]:
+            for j in range(k):
+                hyps[b].add(host_ids[b * k + j], final_scores[b * k + j])
+    best = []
+    for b in range(B):
+        ranked = sorted(hyps[b].beams, key=lambda h: h[0])[::-1]  # ties: the later hypothesis, as HF's pop()
+        best += [seq for _, seq in ranked[:n_return]]
+    width = min(max(len(s) for s in best) + 1, max_length)
+    out = torch.full((len(best), width), pad, dtype=torch.long)
+    for i, seq in enumerate(best):
+        out[i, :len(seq)] = torch.tensor(seq)
+        if len(seq) < max_length:
+            out[i, len(seq)] = eos
+    return out.to(device)
