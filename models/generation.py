@@ -19,24 +19,37 @@ from models.med import MEDLMHeadModel
 
 
 class _Decoder:
-    """Runs the decoder one step at a time: self-attention KV cache + per-image cross K/V."""
+    """Runs the decoder one step at a time: self-attention KV cache + per-image cross K/V.
 
-    def __init__(self, decoder: MEDLMHeadModel, encoder_hidden_states, encoder_attention_mask):
-        self.decoder = decoder
-        self.cross_kv = decoder.bert.precompute_cross_kv(encoder_hidden_states)
-        self.cross_mask = encoder_attention_mask
+    With ``use_cache=False`` every step recomputes the whole prefix against per-row copies of the
+    image states, the straightforward way; tests use it as the reference for the cached path.
+    """
+
+    def __init__(self, decoder: MEDLMHeadModel, encoder_hidden_states, encoder_attention_mask,
+                 rows_per_image: int, use_cache: bool = True):
+        self.decoder, self.use_cache = decoder, use_cache
+        if use_cache:
+            self.cross_kv = decoder.bert.precompute_cross_kv(encoder_hidden_states)
+            self.states, self.cross_mask = None, encoder_attention_mask
+        else:
+            self.cross_kv = None
+            self.states = encoder_hidden_states.repeat_interleave(rows_per_image, 0)
+            self.cross_mask = None if encoder_attention_mask is None else \
+                encoder_attention_mask.repeat_interleave(rows_per_image, 0)
         self.past = None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits [R, V] (fp32) for the last position; feeds only the new tokens."""
         new = input_ids if self.past is None else input_ids[:, -1:]
-        out = self.decoder.bert(new, past_key_values=self.past, use_cache=True, cross_kv=self.cross_kv,
-                                encoder_attention_mask=self.cross_mask, is_decoder=True, mode='multimodal')
-        self.past = out.past_key_values
+        out = self.decoder.bert(new, past_key_values=self.past, use_cache=self.use_cache, cross_kv=self.cross_kv,
+                                encoder_hidden_states=self.states, encoder_attention_mask=self.cross_mask,
+                                is_decoder=True, mode='multimodal')
+        self.past = out.past_key_values if self.use_cache else None
         return self.decoder.cls(out.last_hidden_state[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.past = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.past]
+        if self.past is not None:
+            self.past = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.past]
 
 
 def apply_repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -98,7 +111,7 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
              encoder_attention_mask: Optional[torch.Tensor] = None, *, sample: bool = False, num_beams: int = 1,
              max_length: int = 30, min_length: int = 0, top_p: float = 1.0, top_k: int = 50,
              repetition_penalty: float = 1.0, num_return_sequences: int = 1, eos_token_id: int = 102,
-             pad_token_id: int = 0) -> torch.Tensor:
+             pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
     """Decode continuations of ``input_ids`` conditioned on image (or question) states.
 
     Args:
@@ -107,6 +120,7 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
         encoder_attention_mask: [B, N] or None (all valid).
         max_length / min_length: totals including the P prompt tokens (transformers' convention).
         num_return_sequences: best hypotheses per image (beam search) or samples per image.
+        use_cache: False recomputes everything each step (reference path for tests).
 
     Returns:
         [B * num_return_sequences, T] token ids, rows grouped per image, ``[PAD]`` after the end.
@@ -114,24 +128,24 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
     if sample:
         return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, True,
                                  max_length, min_length, top_k, top_p, repetition_penalty,
-                                 num_return_sequences, eos_token_id, pad_token_id)
+                                 num_return_sequences, eos_token_id, pad_token_id, use_cache)
     if num_beams == 1:
         if num_return_sequences != 1:
             raise ValueError('greedy decoding returns one sequence per image; use beams or sampling')
         return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, False,
                                  max_length, min_length, 0, 1.0, repetition_penalty, 1, eos_token_id,
-                                 pad_token_id)
+                                 pad_token_id, use_cache)
     if num_return_sequences > num_beams:
         raise ValueError(f'num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})')
     return _beam_search(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, num_beams,
                         max_length, min_length, repetition_penalty, num_return_sequences, eos_token_id,
-                        pad_token_id)
+                        pad_token_id, use_cache)
 
 
 def _sample_or_greedy(decoder, input_ids, states, mask, sample, max_length, min_length, top_k, top_p,
-                      repetition_penalty, n, eos, pad):
+                      repetition_penalty, n, eos, pad, use_cache):
     ids = input_ids.repeat_interleave(n, 0)                                # [B*n, P]
-    runner = _Decoder(decoder, states, mask)
+    runner = _Decoder(decoder, states, mask, n, use_cache)
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
     while ids.shape[1] < max_length:
         scores = runner.logits(ids)
@@ -151,7 +165,7 @@ def _sample_or_greedy(decoder, input_ids, states, mask, sample, max_length, min_
 
 
 def _beam_search(decoder, input_ids, states, mask, k, max_length, min_length, repetition_penalty, n_return,
-                 eos, pad):
+                 eos, pad, use_cache):
     B, device = input_ids.shape[0], input_ids.device
     ids = input_ids.repeat_interleave(k, 0)                                # [B*k, P], beams grouped per image
     host_ids = ids.cpu().tolist()
@@ -160,7 +174,7 @@ def _beam_search(decoder, input_ids, states, mask, k, max_length, min_length, re
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(k) for _ in range(B)]
     done = [False] * B
-    runner = _Decoder(decoder, states, mask)
+    runner = _Decoder(decoder, states, mask, k, use_cache)
     while ids.shape[1] < max_length:
         cur_len = ids.shape[1]
         scores = F.log_softmax(runner.logits(ids), -1)                      # [B*k, V]

@@ -1,0 +1,136 @@
+"""Decoding: cached == recomputed, transformers-4.15 semantics (min/max length, [SEP], penalties), batching."""
+import pytest
+import torch
+
+from models.blip import BLIP_Decoder, load_med_config
+from models.generation import apply_repetition_penalty, generate, top_k_top_p_filter
+from models.med import MEDLMHeadModel
+from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+
+SEP, PAD, DEC = 102, 0, 30522
+
+
+@pytest.fixture(scope='module')
+def decoder():
+    torch.manual_seed(0)
+    model = MEDLMHeadModel(load_med_config(dict(TINY_MED))).eval()
+    # a small effective vocabulary makes beams collide and [SEP] appear: the interesting cases
+    with torch.no_grad():
+        model.cls.predictions.bias.fill_(-30)
+        model.cls.predictions.bias[[SEP, 1000, 1001, 1002, 1003, 1004, 1005]] = 0
+        model.cls.predictions.bias[SEP] = -1.0
+    return model
+
+
+def prompts(B):
+    return torch.tensor([[DEC, 1037, 3861, 1997]] * B)
+
+
+def images(B, seed=0):
+    return torch.randn(B, 5, 32, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize('kwargs', [dict(num_beams=1), dict(num_beams=3), dict(num_beams=4, num_return_sequences=2),
+                                    dict(num_beams=3, repetition_penalty=1.5)])
+def test_cached_decoding_equals_full_recomputation(decoder, kwargs):
+    ids = prompts(3)
+    fast = generate(decoder, ids, images(3), max_length=14, min_length=6, **kwargs)
+    slow = generate(decoder, ids, images(3), max_length=14, min_length=6, use_cache=False, **kwargs)
+    assert torch.equal(fast, slow)
+
+
+def test_cached_sampling_equals_full_recomputation(decoder):
+    torch.manual_seed(3)
+    fast = generate(decoder, prompts(2), images(2), sample=True, top_p=0.9, max_length=12, num_return_sequences=3)
+    torch.manual_seed(3)
+    slow = generate(decoder, prompts(2), images(2), sample=True, top_p=0.9, max_length=12, num_return_sequences=3,
+                    use_cache=False)
+    assert fast.shape[0] == 6 and torch.equal(fast, slow)
+
+
+def first_sep(row):
+    hits = (row == SEP).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+@pytest.mark.parametrize('num_beams', [1, 3])
+def test_min_length_counts_the_prompt_and_blocks_sep(decoder, num_beams):
+    with torch.no_grad():
+        decoder.cls.predictions.bias[SEP] = 20.0  # [SEP] would win at once
+    try:
+        short = generate(decoder, prompts(2), images(2), num_beams=num_beams, max_length=20, min_length=0)
+        longer = generate(decoder, prompts(2), images(2), num_beams=num_beams, max_length=20, min_length=9)
+    finally:
+        with torch.no_grad():
+            decoder.cls.predictions.bias[SEP] = -1.0
+    assert [first_sep(r) for r in short] == [4, 4]  # early [SEP]: nothing but the prompt
+    assert short.shape[1] == 5
+    assert [first_sep(r) for r in longer] == [9, 9]  # 9 tokens in all (4 prompt + 5 new) before [SEP]
+
+
+@pytest.mark.parametrize('num_beams', [1, 3])
+def test_max_length_bounds_the_total_length(decoder, num_beams):
+    out = generate(decoder, prompts(2), images(2), num_beams=num_beams, max_length=8, min_length=8)
+    assert out.shape[1] == 8
+    assert (out[:, :4] == prompts(2)).all()
+
+
+@pytest.mark.parametrize('kwargs', [dict(num_beams=1), dict(num_beams=3)])
+def test_batch_equals_one_image_at_a_time(decoder, kwargs):
+    batch = generate(decoder, prompts(3), images(3), max_length=12, min_length=5, **kwargs)
+    for i in range(3):
+        alone = generate(decoder, prompts(1), images(3)[i:i + 1], max_length=12, min_length=5, **kwargs)
+        row = batch[i, :alone.shape[1]]
+        assert torch.equal(row, alone[0]) and (batch[i, alone.shape[1]:] == PAD).all()
+
+
+def test_num_return_sequences_best_first_and_distinct(decoder):
+    one = generate(decoder, prompts(2), images(2), num_beams=4, max_length=12, min_length=5)
+    many = generate(decoder, prompts(2), images(2), num_beams=4, max_length=12, min_length=5, num_return_sequences=3)
+    assert many.shape[0] == 6
+    for i in range(2):
+        assert torch.equal(many[3 * i, :one.shape[1]], one[i])
+        rows = {tuple(r[r != PAD].tolist()) for r in many[3 * i:3 * i + 3]}
+        assert len(rows) == 3
+    with pytest.raises(ValueError):
+        generate(decoder, prompts(1), images(1), num_beams=2, num_return_sequences=3)
+
+
+def test_sampling_stops_rows_independently_and_pads(decoder):
+    torch.manual_seed(0)
+    out = generate(decoder, prompts(4), images(4), sample=True, top_p=0.9, max_length=16, min_length=5)
+    for row in out:
+        end = first_sep(row)
+        if end is not None:
+            assert end >= 5 and (row[end + 1:] == PAD).all()
+
+
+def test_repetition_penalty_literal():
+    scores = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    ids = torch.tensor([[0, 1, 1]])  # token 1 twice: penalised once
+    out = apply_repetition_penalty(scores, ids, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_top_k_top_p_literal():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_k_top_p_filter(logits, top_k=50, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, then 0.8 crosses: kept, rest removed
+    kept = torch.isfinite(top_k_top_p_filter(logits, top_k=2, top_p=1.0))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(top_k_top_p_filter(logits, top_k=50, top_p=0.1))
+    assert kept.tolist() == [[True, False, False, False]]  # at least one token survives
+
+
+def test_blip_decoder_generate_returns_strings_per_image():
+    torch.manual_seed(0)
+    model = BLIP_Decoder(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=TINY_VIT).eval()
+    image = torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE)
+    captions = model.generate(image, num_beams=3, max_length=10, min_length=5)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    sampled = model.generate(image, sample=True, max_length=10, min_length=5, num_return_sequences=3)
+    assert len(sampled) == 6
+    loss = model(image, ['a picture of a red circle', 'a picture of two squares'])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,193 @@
+"""MED transformer: checkpoint key layout, SDPA == explicit attention, masks, KV cache, shared image K/V."""
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.blip import DEFAULT_VOCAB, init_tokenizer, load_med_config
+from models.med import MED, MEDConfig, MEDLMHeadModel, math_attention, resize_token_embeddings
+from tests.tiny import TINY_MED
+
+REF = Path(__file__).parent / 'reference_keys'
+
+
+def reference_keys(name: str, prefix: str) -> dict:
+    rows = [line.rstrip('\n').split('\t') for line in open(REF / f'{name}.txt') if not line.startswith('#')]
+    return {k[len(prefix):]: v for k, v, _ in rows if k.startswith(prefix)}
+
+
+def shapes(module) -> dict:
+    return {k: str(list(v.shape)) for k, v in module.state_dict().items()}
+
+
+def tiny(**changes) -> MEDConfig:
+    return load_med_config(dict(TINY_MED), **changes)
+
+
+@pytest.mark.parametrize('config_file,vocab', [('configs/med_config.json', 30524), ('configs/bert_config.json', 30522)])
+def test_decoder_keys_equal_original(config_file, vocab):
+    with torch.device('meta'):
+        decoder = MEDLMHeadModel(load_med_config(config_file))
+    expected = reference_keys('decoder', 'text_decoder.')
+    if vocab != 30524:
+        expected = {k: v.replace('30524', str(vocab)) for k, v in expected.items()}
+    assert shapes(decoder) == expected
+
+
+def test_encoder_keys_equal_original_base_and_large_vision():
+    with torch.device('meta'):
+        encoder = MED(load_med_config('configs/med_config.json'))
+        large = MED(load_med_config('configs/med_config.json', encoder_width=1024))
+    assert shapes(encoder) == reference_keys('base', 'text_encoder.')
+    assert large.encoder.layer[0].crossattention.self.key.weight.shape == (768, 1024)
+    assert large.encoder.layer[0].crossattention.self.value.weight.shape == (768, 1024)
+
+
+def test_lm_head_is_tied_and_bias_stored_twice():
+    decoder = MEDLMHeadModel(tiny())
+    pred = decoder.cls.predictions
+    assert pred.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+    assert pred.decoder.bias is pred.bias
+    assert {'cls.predictions.bias', 'cls.predictions.decoder.bias'} <= set(decoder.state_dict())
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    path = tmp_path / 'med.json'
+    path.write_text('{"hidden_size": 32, "hiden_layers": 3}')
+    with pytest.raises(ValueError, match='hiden_layers'):
+        MEDConfig.from_json_file(str(path))
+
+
+def _inputs(B=3, L=7, N=5, W=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    ids = ids * mask
+    image = torch.randn(B, N, W, generator=g)
+    return ids, mask, image
+
+
+@pytest.mark.parametrize('mode,is_decoder', [('text', False), ('multimodal', False), ('multimodal', True)])
+def test_sdpa_equals_explicit_softmax_oracle(mode, is_decoder):
+    torch.manual_seed(0)
+    model = MED(tiny()).eval()
+    ids, mask, image = _inputs()
+    kwargs = dict(attention_mask=mask, encoder_hidden_states=image, mode=mode, is_decoder=is_decoder)
+    fast = model(ids, **kwargs).last_hidden_state
+    with math_attention():
+        slow = model(ids, **kwargs).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(fast[valid], slow[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_valid_positions():
+    torch.manual_seed(0)
+    decoder = MEDLMHeadModel(tiny()).eval()
+    ids, mask, image = _inputs()
+    batch = decoder(ids, attention_mask=mask, encoder_hidden_states=image).logits
+    alone = decoder(ids[1:2, :5], attention_mask=mask[1:2, :5], encoder_hidden_states=image[1:2]).logits
+    torch.testing.assert_close(batch[1, :5], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_text_mode_ignores_image_and_causality_comes_from_is_decoder():
+    torch.manual_seed(0)
+    model = MED(tiny()).eval()
+    ids, mask, image = _inputs()
+    a = model(ids, attention_mask=mask, mode='text').last_hidden_state
+    b = model(ids, attention_mask=mask, encoder_hidden_states=image * 5, mode='text').last_hidden_state
+    torch.testing.assert_close(a, b)
+    # causal: changing a later token leaves earlier positions unchanged
+    ids2 = ids.clone()
+    ids2[0, 4] = 7
+    d1 = model(ids, encoder_hidden_states=image, is_decoder=True).last_hidden_state
+    d2 = model(ids2, encoder_hidden_states=image, is_decoder=True).last_hidden_state
+    torch.testing.assert_close(d1[0, :4], d2[0, :4])
+    assert not torch.allclose(d1[0, 4:], d2[0, 4:])
+    with pytest.raises(ValueError, match='encoder_hidden_states'):
+        model(ids, mode='multimodal')
+
+
+def test_kv_cache_gives_the_logits_of_full_recomputation():
+    torch.manual_seed(0)
+    decoder = MEDLMHeadModel(tiny()).eval()
+    ids, _, image = _inputs()
+    ids[:, 0] = 30522
+    full = decoder(ids, encoder_hidden_states=image).logits
+    past, steps = None, []
+    cross_kv = decoder.bert.precompute_cross_kv(image)
+    for t in range(ids.shape[1]):
+        chunk = ids[:, :3] if t == 0 else ids[:, t:t + 1]
+        if t in (1, 2):
+            continue
+        out = decoder(chunk, past_key_values=past, use_cache=True, cross_kv=cross_kv)
+        past = out.past_key_values
+        steps.append(out.logits)
+    cached = torch.cat(steps, 1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_image_rows_share_cross_attention_without_copies():
+    """Text batch r*B_img against B_img images equals repeating each image r times."""
+    torch.manual_seed(0)
+    model = MED(tiny()).eval()
+    ids, mask, image = _inputs(B=6)
+    images = image[:2]
+    shared = model(ids, attention_mask=mask, encoder_hidden_states=images).last_hidden_state
+    copied = model(ids, attention_mask=mask, encoder_hidden_states=images.repeat_interleave(3, 0)).last_hidden_state
+    torch.testing.assert_close(shared, copied, atol=1e-5, rtol=1e-5)
+    image_mask = torch.ones(2, 5, dtype=torch.long)
+    image_mask[1, 3:] = 0
+    shared = model(ids, encoder_hidden_states=images, encoder_attention_mask=image_mask).last_hidden_state
+    copied = model(ids, encoder_hidden_states=images.repeat_interleave(3, 0),
+                   encoder_attention_mask=image_mask.repeat_interleave(3, 0)).last_hidden_state
+    torch.testing.assert_close(shared, copied, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_loss_mean_and_none_reductions():
+    torch.manual_seed(0)
+    decoder = MEDLMHeadModel(tiny()).eval()
+    ids, mask, image = _inputs()
+    labels = ids.masked_fill(mask == 0, -100)
+    out_mean = decoder(ids, attention_mask=mask, encoder_hidden_states=image, labels=labels)
+    out_none = decoder(ids, attention_mask=mask, encoder_hidden_states=image, labels=labels, reduction='none')
+    logp = out_mean.logits[:, :-1].log_softmax(-1)
+    target = labels[:, 1:]
+    valid = target != -100
+    nll = -logp.gather(2, target.clamp(min=0)[..., None])[..., 0]
+    smooth = -logp.mean(-1)
+    per_token = (0.9 * nll + 0.1 * smooth) * valid
+    torch.testing.assert_close(out_none.loss, per_token.sum(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_mean.loss, per_token.sum() / valid.sum(), atol=1e-5, rtol=1e-5)
+    assert decoder(ids, encoder_hidden_states=image, return_logits=True).shape[1] == ids.shape[1] - 1
+
+
+def test_resize_token_embeddings_keeps_old_rows_and_tie():
+    decoder = MEDLMHeadModel(tiny(vocab_size=30522))
+    old = decoder.bert.embeddings.word_embeddings.weight.detach().clone()
+    resize_token_embeddings(decoder, 30524)
+    new = decoder.bert.embeddings.word_embeddings.weight
+    assert new.shape == (30524, 32)
+    torch.testing.assert_close(new[:30522], old)
+    assert decoder.cls.predictions.decoder.weight is new
+    assert decoder.cls.predictions.decoder.bias is decoder.cls.predictions.bias
+
+
+def test_tokenizer_ids_and_shipped_vocabulary():
+    assert hashlib.md5(DEFAULT_VOCAB.read_bytes()).hexdigest() == '64800d5d8528ce344256daf115d4965e'
+    tok = init_tokenizer()
+    assert len(tok) == 30524
+    assert tok.bos_token_id == 30522 and tok.enc_token_id == 30523
+    assert tok('a picture of ').input_ids == [101, 1037, 3861, 1997, 102]
+    assert (tok.pad_token_id, tok.sep_token_id, tok.cls_token_id) == (0, 102, 101)
+
+
+def test_tokenizer_that_failed_to_load_is_an_error(tmp_path):
+    bad = tmp_path / 'vocab.txt'
+    bad.write_text('[PAD]\n[UNK]\n')
+    with pytest.raises(RuntimeError, match='did not load'):
+        init_tokenizer(str(bad))
+    with pytest.raises(Exception):
+        init_tokenizer(str(tmp_path / 'no-such-folder'))
