@@ -53,6 +53,8 @@ def resolve_checkpoint_path(url_or_filename: str) -> str:
     if is_url(url_or_filename):
         return download_cached_file(url_or_filename)
     path = url_or_filename[len('file://'):] if str(url_or_filename).startswith('file://') else url_or_filename
+    if os.path.isdir(path) or str(path).endswith('.safetensors'):
+        return path  # an HF ``save_pretrained`` folder or safetensors file
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint url or path is invalid: {url_or_filename!r} (no such file)')
     return path
@@ -61,6 +63,12 @@ def resolve_checkpoint_path(url_or_filename: str) -> str:
 def read_checkpoint(url_or_filename: str) -> dict:
     """Load a checkpoint file or URL with ``weights_only=True`` and return its dict."""
     path = resolve_checkpoint_path(url_or_filename)
+    if os.path.isdir(path) or path.endswith('.safetensors'):
+        from models.convert_hf import read_hf_state_dict  # HF transformers' BLIP files
+        try:
+            return {'model': read_hf_state_dict(path)}
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f'{path}: not a readable HF checkpoint: {e}') from e
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:

@@ -127,7 +127,7 @@ def test_save_pretrained_folder_and_bin_load_into_our_model(captioner, tmp_path)
     torch.save(hf.state_dict(), tmp_path / 'pytorch_model.bin')   # HF layout read by load_checkpoint itself
     kwargs = hf_config_to_blip_kwargs(hf.config)
     assert kwargs['vit'] == TINY_VIT and kwargs['image_size'] == TINY_IMAGE
-    for path in (tmp_path / 'model.pth', tmp_path / 'pytorch_model.bin'):
+    for path in (tmp_path / 'model.pth', tmp_path / 'pytorch_model.bin', tmp_path / 'hf'):
         model = BLIP_Decoder(**kwargs).eval()
         model, msg = load_checkpoint(model, str(path), verbose=False)
         assert msg.missing_keys == [] and msg.unexpected_keys == []
