@@ -1,0 +1,111 @@
+"""BLIP for NLVR2 (``BLIP_NLVR``, reference 5.8): is a sentence true of a pair of images?
+
+ViT encodes both images in one pass; the text encoder is the one MED module built with
+``twin_cross_attention=True`` (the original's separate ``nlvr_encoder.py``, here a config flag):
+every layer cross-attends to each image with its own attention (``self0``/``self1``) and output
+projection (``dense0``/``dense1``), then averages the two (first half of the layers) or merges them
+with a learned ``merge_layer`` (second half). ``cls_head`` classifies the ``[ENC]`` state.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.blip import init_tokenizer, load_med_config
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.med import MED
+from models.vit import create_vit
+
+# (single cross-attention key fragment, its two NLVR2 copies): the original loader's string replaces
+TWIN_SWAPS = (('crossattention.self.', ('crossattention.self0.', 'crossattention.self1.')),
+              ('crossattention.output.dense.', ('crossattention.output.dense0.', 'crossattention.output.dense1.')))
+
+
+def expand_twin_cross_attention(state_dict: Mapping[str, torch.Tensor], prefix: str = 'text_encoder.') -> dict:
+    """Pretrain/retrieval layout -> NLVR2 layout: copy each cross-attention to both images.
+
+    Every ``{prefix}...crossattention.self.*`` key becomes ``...self0.*`` and ``...self1.*``;
+    every ``...crossattention.output.dense.*`` becomes ``dense0``/``dense1`` (``output.LayerNorm`` is
+    shared and keeps its name). The single-image keys are consumed. A checkpoint already in NLVR2
+    layout has no such keys and passes unchanged; existing twin keys are never overwritten.
+    ``merge_layer`` has no counterpart and stays at its initialisation, as in the original.
+    """
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        for single, twins in TWIN_SWAPS:
+            if single in key:
+                del out[key]
+                for twin in twins:
+                    out.setdefault(key.replace(single, twin), value)
+    return out
+
+
+class BLIP_NLVR(nn.Module):
+    """ViT + twin-cross-attention MED encoder + 2-way classifier.
+
+    Args:
+        med_config: MED config (json path, dict or MEDConfig); ``twin_cross_attention`` is set here.
+        image_size, vit, vit_grad_ckpt, vit_ckpt_layer: ViT options (drop path 0.1).
+    """
+
+    def __init__(self, med_config='configs/med_config.json', image_size: int = 480, vit='base',
+                 vit_grad_ckpt: bool = False, vit_ckpt_layer: int = 0):
+        super().__init__()
+        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
+                                                       drop_path_rate=0.1)
+        self.tokenizer = init_tokenizer()
+        config = load_med_config(med_config, encoder_width=vision_width, twin_cross_attention=True)
+        self.text_encoder = MED(config)
+        H = config.hidden_size
+        self.cls_head = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 2))
+
+    def forward(self, image: torch.Tensor, text: Union[str, Sequence[str]], targets: torch.Tensor,
+                train: bool = True) -> torch.Tensor:
+        """Cross-entropy loss (train) or logits [B, 2] (class 1 = true).
+
+        Args:
+            image: ``cat([image0, image1])`` [2B, 3, S, S]: the B left images, then the B right ones.
+            text: B sentences.
+            targets: [B] labels (unused when ``train=False``).
+        """
+        if image.shape[0] % 2:
+            raise ValueError(f'image must hold two images per example (cat([image0, image1])), got {image.shape[0]}')
+        image0_embeds, image1_embeds = self.visual_encoder(image).chunk(2)              # each [B, N, Dv]
+        tokens = self.tokenizer(text, padding='longest', return_tensors='pt').to(image.device)
+        ids = tokens.input_ids.clone()
+        ids[:, 0] = self.tokenizer.enc_token_id
+        out = self.text_encoder(ids, attention_mask=tokens.attention_mask, mode='multimodal',
+                                encoder_hidden_states=[image0_embeds, image1_embeds],
+                                encoder_attention_mask=[None, None])                    # image masks: all ones
+        logits = self.cls_head(out.last_hidden_state[:, 0])                             # [B, 2]
+        return F.cross_entropy(logits, targets) if train else logits
+
+    def remap_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> dict:
+        """Called by ``load_checkpoint``: the twin expansion of a pretrain/retrieval checkpoint."""
+        return expand_twin_cross_attention(state_dict)
+
+
+def _new_head_keys(model: nn.Module) -> set:
+    return {k for k in model.state_dict() if k.startswith('cls_head.') or '.merge_layer.' in k}
+
+
+def blip_nlvr(pretrained: str = '', **kwargs) -> BLIP_NLVR:
+    """Build BLIP_NLVR, optionally loading a checkpoint (URL or local path; the original's loader
+    could not read local paths, quirk 10.4.2).
+
+    A pretrain/retrieval checkpoint leaves exactly ``merge_layer`` and ``cls_head`` at their
+    initialisation; an NLVR2 checkpoint leaves nothing. Anything else missing is an error.
+    """
+    model = BLIP_NLVR(**kwargs)
+    if pretrained:
+        model, msg = load_checkpoint(model, pretrained)
+        unexplained = set(msg.missing_keys) - _new_head_keys(model)
+        if unexplained:
+            raise CheckpointError(f'blip_nlvr: checkpoint {pretrained} lacks {len(unexplained)} key(s), '
+                                  f'e.g. {sorted(unexplained)[:5]}')
+    return model
