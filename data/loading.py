@@ -1,0 +1,125 @@
+"""Reading annotation files and images with errors that name the file and the index.
+
+Every dataset derives from :class:`RobustDataset`: a missing or unreadable image is an error
+naming the file and the annotation index, or, with ``skip_bad_samples=True``, a logged and counted
+replacement by the next readable sample (so batch shapes hold and no rank waits on another).
+A malformed annotation entry is always an error: a wrong file must never train silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+# After this many unreadable samples in a row the data is broken, not noisy.
+MAX_CONSECUTIVE_BAD = 100
+
+
+class AnnotationError(ValueError):
+    """An annotation file or entry does not have the expected format."""
+
+
+class BadSampleError(RuntimeError):
+    """An image or video of a well-formed entry cannot be read."""
+
+
+def load_json_list(path: str) -> list:
+    """Read a JSON list (``.json``) or JSON lines (``.jsonl``) annotation file.
+
+    Raises:
+        AnnotationError: the file is not valid JSON or not a list.
+    """
+    try:
+        with open(path, encoding='utf-8') as f:
+            if path.endswith('.jsonl'):
+                return [json.loads(line) for line in f if line.strip()]
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f'{path}: not valid JSON ({e})') from e
+    if not isinstance(data, list):
+        raise AnnotationError(f'{path}: expected a JSON list of entries, got {type(data).__name__}')
+    return data
+
+
+def check_entry(entry: Any, schema: Mapping[str, type | tuple], path: str, index: int) -> None:
+    """Check that ``entry`` is a dict holding every key of ``schema`` with a value of its type.
+
+    Raises:
+        AnnotationError: naming the file, the entry index, the key and the offending value.
+    """
+    if not isinstance(entry, dict):
+        raise AnnotationError(f'{path}: entry {index} is a {type(entry).__name__}, expected an object')
+    for key, types in schema.items():
+        if key not in entry:
+            raise AnnotationError(f'{path}: entry {index} has no key {key!r} (keys: {sorted(entry)})')
+        if not isinstance(entry[key], types) or isinstance(entry[key], bool) and bool not in _as_tuple(types):
+            raise AnnotationError(f'{path}: entry {index} key {key!r} has value {entry[key]!r} of type '
+                                  f'{type(entry[key]).__name__}, expected {_type_names(types)}')
+
+
+def check_entries(entries: Sequence, schema: Mapping[str, type | tuple], path: str) -> None:
+    """:func:`check_entry` on every entry of a list."""
+    for index, entry in enumerate(entries):
+        check_entry(entry, schema, path, index)
+
+
+def _as_tuple(types: type | tuple) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _type_names(types: type | tuple) -> str:
+    return ' or '.join(t.__name__ for t in _as_tuple(types))
+
+
+def load_image(path: str, index: int, ann_file: str) -> Image.Image:
+    """Open an image as RGB, fully decoded so that corrupt files fail here and not in a worker later.
+
+    Raises:
+        BadSampleError: naming the image file, the annotation index and the annotation file.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadSampleError(f'cannot read image {path} (annotation index {index} of {ann_file}): '
+                             f'{type(e).__name__}: {e}') from e
+
+
+class RobustDataset(Dataset):
+    """Base class: ``__getitem__`` calls ``load_item`` and applies the bad-sample policy.
+
+    Attributes:
+        skip_bad_samples: replace unreadable samples by the next readable one instead of raising.
+        num_bad_samples: how many samples were replaced (per process: each DataLoader worker
+            counts in its own copy of the dataset).
+    """
+
+    def __init__(self, skip_bad_samples: bool = False):
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self.num_bad_samples = 0
+
+    def load_item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        if not self.skip_bad_samples:
+            return self.load_item(index)
+        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD)):
+            try:
+                return self.load_item((index + offset) % len(self))
+            except BadSampleError as e:
+                self.num_bad_samples += 1
+                logger.warning('skipping bad sample (%d so far): %s', self.num_bad_samples, e)
+        raise BadSampleError(f'{type(self).__name__}: {min(len(self), MAX_CONSECUTIVE_BAD)} consecutive '
+                             f'unreadable samples starting at index {index}; the data is broken')
+
+
+def join_root(root: str, path: str) -> str:
+    """``os.path.join`` that leaves absolute paths alone (as the original's joins do)."""
+    return os.path.join(root, path) if root else path
