@@ -34,7 +34,8 @@ def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
         dataset: one of :data:`DATASETS`.
         config: mapping-like config (``config[key]``, ``key in config``, ``config.get(key, default)``)
             with the task's original keys. ``skip_bad_samples`` (default False) is passed to every
-            dataset; a non-empty ``toy_root`` generates the toy dataset there first.
+            dataset; a non-empty ``toy_root`` generates the toy dataset there first (default size;
+            a complete one already there, of any size, is used as is).
         min_scale: smallest RandomResizedCrop area (0.2 for pretraining).
 
     Returns:
@@ -46,7 +47,7 @@ def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
     if config.get('toy_root', ''):
         from data.toy import ensure_toy_dataset
 
-        ensure_toy_dataset(config['toy_root'])
+        ensure_toy_dataset(config['toy_root'], exact=False)
     req = lambda key: _required(config, key, dataset)  # noqa: E731
     skip = bool(config.get('skip_bad_samples', False))
     image_size = req('image_size')

@@ -333,7 +333,7 @@ def generate(root: Path, params: ToyParams) -> None:
 
 def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 1000, n_val: int = 100,
                        n_test: int = 100, n_web: int = 1000, noise_fraction: float = 0.3, n_videos: int = 32,
-                       video_frames: int = 8) -> Path:
+                       video_frames: int = 8, exact: bool = True) -> Path:
     """Generate the toy dataset into ``root`` unless a complete one with the same parameters is there.
 
     A marker file holding the parameters is written last, so an interrupted generation is redone;
@@ -347,6 +347,8 @@ def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 10
         noise_fraction: fraction of web captions replaced by another image's caption.
         n_videos: number of MSRVTT-style clips.
         video_frames: frames per clip.
+        exact: regenerate when the complete dataset in ``root`` was made with other parameters;
+            False accepts any complete toy dataset (what ``create_dataset`` does with ``toy_root``).
 
     Returns:
         ``Path(root)``.
@@ -359,7 +361,8 @@ def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 10
     marker = root / MARKER
     with open(root / '.toy_lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _marker_params(marker) == asdict(params):
+        found = _marker_params(marker)
+        if found is not None and (found == asdict(params) or not exact):
             return root
         if marker.exists():
             marker.unlink()
