@@ -166,7 +166,9 @@ class Attention(nn.Module):
         q = self.split_heads(self.query(x))                                # [B,h,L,d]
         if kv is None:
             kv = self.project_kv(x if context is None else context)
-            if past_kv is not None:
+            if isinstance(past_kv, _CacheSlot):  # preallocated cache: write in place, attend to a view
+                kv = past_kv.cache.update(past_kv.layer, kv[0], kv[1])
+            elif past_kv is not None:
                 kv = (torch.cat([past_kv[0], kv[0]], 2), torch.cat([past_kv[1], kv[1]], 2))
         k, v = kv
         B, h, L, d = q.shape
@@ -177,6 +179,57 @@ class Attention(nn.Module):
         if r > 1:
             out = out.view(k.shape[0], h, r, L, d).transpose(1, 2).reshape(B, h, L, d)
         return out.transpose(1, 2).reshape(B, L, h * d), kv
+
+
+class _CacheSlot:
+    """One layer's handle on a ``KVCache`` (what ``Attention`` receives as ``past_kv``)."""
+    __slots__ = ('cache', 'layer')
+
+    def __init__(self, cache: 'KVCache', layer: int):
+        self.cache, self.layer = cache, layer
+
+
+class KVCache:
+    """Preallocated self-attention cache for decoding: one buffer ``[layers, R, h, max_length, d]`` per k/v.
+
+    ``MED.forward(past_key_values=cache)`` writes each layer's new keys/values in place and attends to
+    the view ``[:, :, :length]`` (same values and shapes as the concatenating cache, no reallocation);
+    ``reorder(rows)`` follows the chosen beams with one gather per buffer instead of one per layer.
+    The buffers are allocated at the first write, in the dtype the projections produce (bf16 under autocast).
+    """
+
+    def __init__(self, num_layers: int, max_length: int):
+        self.num_layers, self.max_length = num_layers, max_length
+        self.k = self.v = None
+        self.length = 0
+
+    def slot(self, layer: int) -> _CacheSlot:
+        return _CacheSlot(self, layer)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            R, h, _, d = k.shape
+            self.k = k.new_zeros(self.num_layers, R, h, self.max_length, d)  # zeros: finite beyond the prefix
+            self.v = v.new_zeros(self.num_layers, R, h, self.max_length, d)
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f'KVCache of max_length {self.max_length} cannot hold {end} positions')
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row j of the cache becomes old row ``rows[j]`` (beam search)."""
+        if self.k is not None and self.length:
+            T = self.length
+            self.k[:, :, :, :T] = self.k[:, :, :, :T].index_select(1, rows)
+            self.v[:, :, :, :T] = self.v[:, :, :, :T].index_select(1, rows)
+
+    def __getitem__(self, layer: int) -> _CacheSlot:
+        return self.slot(layer)
 
 
 class AddNorm(nn.Module):
@@ -392,13 +445,18 @@ class MED(nn.Module):
             attention_mask: [B, T] padding mask (1 keep) over cached + new positions, or [B, L, T].
             encoder_hidden_states: [B_img, N, W] image tokens (B = r * B_img), or a pair for NLVR2.
             encoder_attention_mask: [B_img, N] (or a pair); None means all ones.
-            past_key_values: per-layer self-attention (k, v) [B,h,T,d] from an earlier call (decoding).
+            past_key_values: per-layer self-attention (k, v) [B,h,T,d] from an earlier call (decoding), or a
+                preallocated ``KVCache`` (updated in place and returned as ``past_key_values``).
             mode: 'text' skips cross-attention; 'multimodal' uses it.
             cross_kv: per-layer cross-attention (k, v) from ``precompute_cross_kv`` (replaces the states).
         """
         if mode not in ('text', 'multimodal'):
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
-        past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        static_cache = isinstance(past_key_values, KVCache)
+        if static_cache:
+            past_length = past_key_values.length
+        else:
+            past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if encoder_embeds is not None:
             x = encoder_embeds
         else:
@@ -415,7 +473,7 @@ class MED(nn.Module):
                 context_mask = [cross_attention_mask(m, dtype) for m in masks]
             else:
                 context_mask = cross_attention_mask(encoder_attention_mask, dtype)
-        presents = [] if (use_cache or past_key_values is not None) else None
+        presents = [] if (use_cache or past_key_values is not None) and not static_cache else None
         hidden_states = (x,) if output_hidden_states else None
         for i, layer in enumerate(self.encoder.layer):
             layer_cross_kv = cross_kv[i] if (cross_kv is not None and mode == 'multimodal') else None
@@ -425,6 +483,9 @@ class MED(nn.Module):
                 presents.append(present)
             if hidden_states is not None:
                 hidden_states += (x,)
+        if static_cache:
+            past_key_values.advance(x.shape[1])
+            presents = past_key_values
         return MEDOutput(last_hidden_state=x, past_key_values=presents, hidden_states=hidden_states)
 
 
