@@ -5,6 +5,8 @@ All losses are computed in fp32 whatever the autocast dtype: softmaxes over a 30
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -28,3 +30,75 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'mean',
     if reduction == 'none':
         loss = loss.view(targets.shape).sum(1)
     return loss
+
+
+# ---------------------------------------------------------------------------------------------- ITC
+
+def soft_targets(sim_m: torch.Tensor, hard: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Momentum-distilled ITC targets ``alpha * softmax(sim_m) + (1 - alpha) * hard`` (paper 3.2, ALBEF).
+
+    Args:
+        sim_m: [B, C] similarities of the momentum encoders (already divided by the temperature).
+        hard: [B, C] ground-truth distribution (rows sum to 1: identity, or id-aware positives).
+        alpha: distillation weight in [0, 1].
+    """
+    return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard.float()
+
+
+def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Tensor,
+             targets_t2i: torch.Tensor) -> torch.Tensor:
+    """Image-text contrastive loss: soft-target cross-entropy averaged over both directions.
+
+    ``loss_d = -mean_b sum_j log_softmax(sim_d)[b, j] * targets_d[b, j]``; returns ``(i2t + t2i) / 2``.
+
+    Args:
+        sim_i2t: [B, C] image-to-text logits (similarity / temperature); sim_t2i likewise.
+        targets_i2t, targets_t2i: [B, C] target distributions.
+    """
+    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * targets_i2t.float()).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * targets_t2i.float()).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+# ---------------------------------------------------------------------------------------------- ITM
+
+def itm_negative_weights(sim: torch.Tensor, positive: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Hard-negative sampling weights ``softmax(sim) + eps`` with positives set to 0 (reference 5.4 step 6, 5.5).
+
+    Pretraining uses ``eps=1e-4`` and the diagonal as ``positive``; retrieval uses ``eps=0`` and
+    "same image id" as ``positive``. A row may end up all zero (every candidate is a positive).
+
+    Args:
+        sim: [R, C] similarities (already divided by the temperature).
+        positive: [R, C] bool, True where the candidate must never be drawn.
+    """
+    weights = F.softmax(sim.float(), dim=1) + eps
+    return weights.masked_fill(positive, 0.0)
+
+
+def sample_negatives(weights: torch.Tensor, generator: Optional[torch.Generator] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one negative per row, ``P(j) proportional to weights[r, j]``, for all rows at once.
+
+    A row whose weights are all zero has no valid negative (e.g. every sample of the batch shows the
+    same image); ``torch.multinomial`` would raise there (the original's crash, quirk 10.4.9). Such a
+    row draws uniformly from all candidates instead and is flagged invalid: the models give its
+    negative pair the label -100 so that ``itm_loss`` ignores it.
+
+    Returns:
+        (indices [R] int64, valid [R] bool)
+    """
+    weights = weights.float()
+    valid = weights.sum(1) > 0
+    weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
+    indices = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return indices, valid
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Image-text matching cross-entropy (class 1 = match), mean over rows whose label is not -100.
+
+    Args:
+        logits: [R, 2] ``itm_head`` outputs. labels: [R] int64 in {0, 1, -100}.
+    """
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
