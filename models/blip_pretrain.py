@@ -46,6 +46,58 @@ def project(proj: nn.Linear, cls: torch.Tensor) -> torch.Tensor:
     return F.normalize(proj(cls).float(), dim=-1)
 
 
+
+def momentum_itc(model: nn.Module, image_embeds: torch.Tensor, image: torch.Tensor, text, alpha: float,
+                 idx: Optional[torch.Tensor] = None):
+    """ITC with momentum distillation and feature queues (reference 5.4 steps 2-5, 5.5), shared by
+    BLIP_Pretrain and BLIP_Retrieval; updates the momentum encoders and enqueues as a side effect.
+
+    Online features of the local batch are scored against ``[in-batch momentum features; queue]``:
+    in-batch columns are the local batch (original) or every rank's (``model.itc_all_rank``). Hard
+    targets are the diagonal, or with ``idx`` [B] every column showing the same image id (normalised).
+
+    Returns:
+        (loss_ita, image_feat [B,E], text_feat [B,E], sim_i2t [B,B], sim_t2i [B,B]) where the last two
+        are the online-vs-momentum similarities of the local batch (detached; pretraining ITM weights).
+    """
+    image_feat = project(model.vision_proj, image_embeds[:, 0])                             # [B, E]
+    text_out = model.text_encoder(text.input_ids, attention_mask=text.attention_mask, mode='text')
+    text_feat = project(model.text_proj, text_out.last_hidden_state[:, 0])                   # [B, E]
+    B = image.shape[0]
+    with torch.no_grad():
+        momentum_update(model.model_pairs, model.momentum)
+        image_feat_m = project(model.vision_proj_m, model.visual_encoder_m(image)[:, 0])
+        text_out_m = model.text_encoder_m(text.input_ids, attention_mask=text.attention_mask, mode='text')
+        text_feat_m = project(model.text_proj_m, text_out_m.last_hidden_state[:, 0])
+        idx_cols = idx.view(-1, 1) if idx is not None else None
+        if model.itc_all_rank:
+            image_feat_m, text_feat_m = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
+            idx_cols = all_gather_no_grad(idx_cols) if idx is not None else None
+        offset = get_rank() * B if model.itc_all_rank else 0          # column of this rank's first sample
+        image_queue, text_queue = model.queue.features(model)
+        image_feat_m_all = torch.cat([image_feat_m.T, image_queue], 1)                      # [E, Bc+Q]
+        text_feat_m_all = torch.cat([text_feat_m.T, text_queue], 1)
+        if idx is None:
+            hard = torch.zeros(B, image_feat_m_all.shape[1], device=image.device)
+            hard[:, offset:offset + B].fill_diagonal_(1)
+        else:
+            idx_all = torch.cat([idx_cols.T, model.queue.ids(model)], 1)                      # [1, Bc+Q]
+            positive = (idx.view(-1, 1) == idx_all).float()
+            hard = positive / positive.sum(1, keepdim=True)
+    local = slice(offset, offset + B)
+    with fp32(image.device):
+        temp = model.temp.float()
+        with torch.no_grad():
+            targets_i2t = soft_targets(image_feat_m[local] @ text_feat_m_all / temp, hard, alpha)
+            targets_t2i = soft_targets(text_feat_m[local] @ image_feat_m_all / temp, hard, alpha)
+        sim_i2t = image_feat @ text_feat_m_all / temp                                        # [B, Bc+Q]
+        sim_t2i = text_feat @ image_feat_m_all / temp
+        loss_ita = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+    model.queue.enqueue(model, image_feat_m, text_feat_m, idx_cols if idx is not None else None,
+                        gathered=model.itc_all_rank)
+    return loss_ita, image_feat, text_feat, sim_i2t[:, local].detach(), sim_t2i[:, local].detach()
+
+
 class BLIP_Pretrain(nn.Module):
     """ViT + unimodal/image-grounded MED encoder + image-grounded decoder, with momentum twins and queues.
 
@@ -93,42 +145,6 @@ class BLIP_Pretrain(nn.Module):
         copy_params(self.model_pairs)
         self.negative_sampler: Callable = sample_negatives
 
-    # ------------------------------------------------------------------------------------------ ITC
-
-    def _itc(self, image_embeds, image, text, alpha):
-        """ITC loss, plus the online-vs-momentum local similarities that weight the ITM negatives."""
-        image_feat = project(self.vision_proj, image_embeds[:, 0])                         # [B, E]
-        text_out = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, mode='text')
-        text_feat = project(self.text_proj, text_out.last_hidden_state[:, 0])               # [B, E]
-        B = image.shape[0]
-        with torch.no_grad():
-            momentum_update(self.model_pairs, self.momentum)
-            image_feat_m = project(self.vision_proj_m, self.visual_encoder_m(image)[:, 0])
-            text_out_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask, mode='text')
-            text_feat_m = project(self.text_proj_m, text_out_m.last_hidden_state[:, 0])
-            if self.itc_all_rank:
-                image_feat_m, text_feat_m = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
-            offset = get_rank() * B if self.itc_all_rank else 0       # column of this rank's first sample
-            image_queue, text_queue = self.queue.features(self)
-            image_feat_m_all = torch.cat([image_feat_m.T, image_queue], 1)                 # [E, Bc+Q]
-            text_feat_m_all = torch.cat([text_feat_m.T, text_queue], 1)
-            hard = torch.zeros(B, image_feat_m_all.shape[1], device=image.device)
-            hard[:, offset:offset + B].fill_diagonal_(1)
-        with fp32(image.device):
-            temp = self.temp.float()
-            with torch.no_grad():
-                local_m = slice(offset, offset + B)
-                sim_i2t_m = image_feat_m[local_m] @ text_feat_m_all / temp
-                sim_t2i_m = text_feat_m[local_m] @ image_feat_m_all / temp
-                targets_i2t = soft_targets(sim_i2t_m, hard, alpha)
-                targets_t2i = soft_targets(sim_t2i_m, hard, alpha)
-            sim_i2t = image_feat @ text_feat_m_all / temp                                  # [B, Bc+Q]
-            sim_t2i = text_feat @ image_feat_m_all / temp
-            loss_ita = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
-        self.queue.enqueue(self, image_feat_m, text_feat_m, gathered=self.itc_all_rank)
-        local = slice(offset, offset + B)
-        return loss_ita, sim_i2t[:, local].detach(), sim_t2i[:, local].detach()
-
     # ------------------------------------------------------------------------------------------ ITM
 
     def _itm(self, image_embeds, ids, mask, sim_i2t, sim_t2i):
@@ -166,7 +182,7 @@ class BLIP_Pretrain(nn.Module):
         image_embeds = self.visual_encoder(image)                                          # [B, N, Dv]
         text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=30,
                               return_tensors='pt').to(image.device)
-        loss_ita, sim_i2t, sim_t2i = self._itc(image_embeds, image, text, alpha)
+        loss_ita, _, _, sim_i2t, sim_t2i = momentum_itc(self, image_embeds, image, text, alpha)
 
         enc_ids = text.input_ids.clone()
         enc_ids[:, 0] = self.tokenizer.enc_token_id
