@@ -269,8 +269,8 @@ def test_beam_tokens_match_transformers_4_15_on_hf_logits(captioner, prompt_ids,
 
 
 # ------------------------------------------------------------------------------------------ ITM / ITC, VQA
-# Written against the documented API (reference 5.6/5.7); skipped until models/blip_itm.py and
-# models/blip_vqa.py exist in the tree.
+# ITM/ITC and VQA generation against HF (reference 5.6/5.7). Both compare the original's behaviour:
+# BLIP_ITM with itm_first_token='cls' and VQA with the question padding left unmasked.
 
 CAPTIONS = ['a dog on a red sofa', 'two people', 'a very long caption about a bicycle leaning on a wall']
 
@@ -279,7 +279,7 @@ CAPTIONS = ['a dog on a red sofa', 'two people', 'a very long caption about a bi
 def itm_pair():
     blip_itm = pytest.importorskip('models.blip_itm')
     hf = randomize(BlipForImageTextRetrieval(tiny_hf_config()), seed=1)
-    ours = blip_itm.BLIP_ITM(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT)).eval()
+    ours = blip_itm.BLIP_ITM(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT), itm_first_token='cls').eval()
     return hf, to_ours(hf, ours)
 
 
@@ -326,7 +326,7 @@ def test_vqa_generated_answers_match(vqa_pair, sep_bias):
     q = ours.tokenizer(QUESTIONS, padding='longest', truncation=True, max_length=35, return_tensors='pt')
     ids = q.input_ids.clone()
     ids[:, 0] = ours.tokenizer.enc_token_id
-    answers = ours(image, QUESTIONS, train=False, inference='generate')
+    answers = ours(image, QUESTIONS, train=False, inference='generate', mask_question_padding=False)
     if sep_bias < 0:
         ref = hf.generate(input_ids=ids, pixel_values=image, attention_mask=q.attention_mask, num_beams=3,
                           max_length=10, min_length=1, do_sample=False)
