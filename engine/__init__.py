@@ -1,0 +1,1 @@
+"""Shared training/evaluation engine (the original's utils.py, split by concept)."""

@@ -1,0 +1,134 @@
+"""Training checkpoints: the original dict layout plus what an exact resume needs, written atomically.
+
+Layout: ``{'model', 'optimizer', 'config', 'epoch'}`` as the original scripts write it (so official
+tooling and ``models.checkpoint.load_checkpoint`` read ours), plus ``'resume': {'epoch', 'step'}``
+(the position to continue from), ``'scaler'`` (fp16 only) and ``'rng'`` (one state per rank, as
+tensors/ints so that ``torch.load(weights_only=True)`` accepts the file).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from models.checkpoint import CheckpointError, read_checkpoint
+
+__all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
+           'restore_rng_state', 'atomic_torch_save']
+
+
+def capture_rng_state() -> dict:
+    """This process's torch / CUDA / numpy / python RNG states, weights_only-loadable."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy_keys': torch.from_numpy(np_state[1].astype(np.int64)),
+        'numpy_meta': [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        'python': torch.tensor(py_state[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    pos, has_gauss, cached = state['numpy_meta']
+    np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    random.setstate((3, tuple(int(x) for x in state['python'].tolist()), None))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the previous file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    config: dict, epoch: int, resume_epoch: int, resume_step: int = 0,
+                    scaler: Optional[torch.amp.GradScaler] = None, rng: Optional[list] = None) -> Path:
+    """Write a checkpoint whose ``--resume`` continues at (``resume_epoch``, ``resume_step``).
+
+    ``rng``: the RNG states of every rank (rank order); default this process's.
+    """
+    checkpoint = {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict() if optimizer is not None else {},
+        'config': config,
+        'epoch': epoch,
+        'resume': {'epoch': resume_epoch, 'step': resume_step},
+        'rng': rng if rng is not None else [capture_rng_state()],
+    }
+    if scaler is not None and scaler.is_enabled():
+        checkpoint['scaler'] = scaler.state_dict()
+    return atomic_torch_save(checkpoint, path)
+
+
+def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                        scaler: Optional[torch.amp.GradScaler] = None, rank: int = 0,
+                        world_size: int = 1) -> tuple[int, int]:
+    """Restore model (strict), optimizer, scaler and this rank's RNG; return (epoch, step) to continue at.
+
+    An original checkpoint (no ``'resume'``) continues at ``epoch + 1``, as the original's resume did.
+    """
+    source = str(path)
+    checkpoint = read_checkpoint(source)
+    for key in ('model', 'epoch'):
+        if key not in checkpoint:
+            raise CheckpointError(f'{source}: not a training checkpoint (no {key!r} key)')
+    try:
+        model.load_state_dict(checkpoint['model'], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f'{source}: does not match the model: {e}') from e
+    if optimizer is not None and checkpoint.get('optimizer'):
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f'{source}: optimizer state does not match: {e}') from e
+    if scaler is not None and 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+    states = checkpoint.get('rng') or []
+    if len(states) == world_size:
+        restore_rng_state(states[rank])
+    elif states:
+        print(f'{source}: saved with {len(states)} rank(s), resuming with {world_size}: '
+              f'RNG streams are re-seeded, so random augmentation differs from an uninterrupted run')
+        torch.manual_seed(int(checkpoint['epoch']) * 1_000_003 + rank)
+    resume = checkpoint.get('resume') or {'epoch': int(checkpoint['epoch']) + 1, 'step': 0}
+    return int(resume['epoch']), int(resume['step'])
+
+
+_EPOCH_FILE = re.compile(r'checkpoint_(\d+)\.pth$')
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """``checkpoint_last.pth`` (written at every save point) or else the highest ``checkpoint_NN.pth``."""
+    output_dir = Path(output_dir)
+    last = output_dir / 'checkpoint_last.pth'
+    if last.is_file():
+        return last
+    numbered = [(int(m.group(1)), p) for p in output_dir.glob('checkpoint_*.pth') if (m := _EPOCH_FILE.search(p.name))]
+    return max(numbered)[1] if numbered else None

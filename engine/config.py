@@ -1,0 +1,184 @@
+"""YAML configs: the original files unchanged, typed by a dataclass per script.
+
+``load_config(path, Schema, options)`` reads the YAML, applies ``--options key=value`` overrides
+(dotted keys reach into mappings, e.g. ``vit.drop_path_rate=0.1``), and builds ``Schema``. A key
+the schema does not know is an error naming the key and the file, so a typo never silently falls
+back to a default. The resolved config is written to ``output_dir/config.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ruamel.yaml import YAML
+
+__all__ = ['CommonConfig', 'ConfigError', 'add_common_args', 'load_config', 'save_config', 'str2bool']
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass
+class CommonConfig:
+    """Keys every script accepts on top of its own (none of them is in the original YAMLs).
+
+    ``amp``: '' picks bf16 on CUDA and none on the CPU; ``accum_steps``: micro-batches per optimizer
+    step; ``clip_grad``: max grad norm (0 = off, the original); ``save_every_steps``: mid-epoch
+    checkpoints for ``--resume`` (0 = epoch ends only).
+    """
+    med_config: str = 'configs/med_config.json'
+    toy_root: str = ''
+    amp: str = ''
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    num_workers: int = 4
+    log_every: int = 50
+    save_every_steps: int = 0
+    skip_bad_samples: bool = False
+
+    # Mapping-style access: the data factories read configs as the original's dicts.
+    def __contains__(self, key: str) -> bool:
+        return key in self._names()
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._names() else default
+
+    def keys(self) -> list[str]:
+        return list(self._names())
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def _names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ('true', '1', 'yes'):
+        return True
+    if value.lower() in ('false', '0', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean, got {value!r}')
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The original scripts' flags, plus ``--options`` overrides and ``--resume``."""
+    parser.add_argument('--config', required=True, help='YAML config (the original files work unchanged)')
+    parser.add_argument('--output_dir', default='output', help='checkpoints, logs, results and config.yaml')
+    parser.add_argument('--evaluate', action='store_true', help='evaluate only')
+    parser.add_argument('--device', default='cuda', help="'cuda' (falls back to the CPU when absent) or 'cpu'")
+    parser.add_argument('--seed', default=42, type=int)
+    parser.add_argument('--world_size', default=1, type=int, help='number of processes (set by the launcher)')
+    parser.add_argument('--dist_url', default='env://', help='process-group rendezvous')
+    parser.add_argument('--distributed', default=True, type=str2bool)
+    parser.add_argument('--options', nargs='*', default=[], metavar='KEY=VALUE',
+                        help='override config keys, e.g. batch_size=16 vit.drop_path_rate=0.1')
+    parser.add_argument('--resume', default='', metavar='auto|PATH',
+                        help="continue a run: 'auto' = the latest checkpoint in --output_dir, or a file")
+    return parser
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        data = YAML(typ='safe', pure=True).load(path.read_text())
+    except Exception as e:  # ruamel raises many parser error types
+        raise ConfigError(f'{path}: not valid YAML: {e}') from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: the top level must be a mapping of keys, got {type(data).__name__}')
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar/list syntax for override values: ``3``, ``1e-5``, ``true``, ``[a, b]``, ``'x'``."""
+    try:
+        value = YAML(typ='safe', pure=True).load(text)
+    except Exception:
+        return text
+    return '' if value is None and text.strip() in ('', "''", '""') else value
+
+
+def apply_overrides(data: dict, options: Iterable[str], source: str) -> dict:
+    data = dict(data)
+    for option in options:
+        if '=' not in option:
+            raise ConfigError(f'--options {option!r}: expected KEY=VALUE')
+        key, text = option.split('=', 1)
+        parts = key.strip().split('.')
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--options {option!r}: {'.'.join(parts[:i + 1])} in {source} is not a mapping")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def _check_type(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Coerce int->float and check the basic types the schemas use; ``object`` accepts anything."""
+    origin = typing.get_origin(hint) or hint
+    if hint is Any or origin is object:
+        return value
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list and isinstance(value, str):
+        return [value]
+    if origin is typing.Union:
+        return value
+    if origin in (bool, int, float, str, list, dict) and not isinstance(value, origin) \
+            or origin is int and isinstance(value, bool):
+        raise ConfigError(f'{source}: key {key!r} must be {origin.__name__}, got {value!r}')
+    return value
+
+
+def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterable[str]] = None):
+    """Read ``path``, apply overrides, and build ``schema`` (a dataclass) from it.
+
+    Raises ``ConfigError`` naming the file and the key for unknown keys and wrongly typed values.
+    """
+    source = str(path)
+    data = apply_overrides(_read_yaml(path), options or [], source)
+    hints = typing.get_type_hints(schema)
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {unknown} for {schema.__name__}; "
+                          f"known keys: {sorted(known)}")
+    values = {k: _check_type(k, v, hints[k], source) for k, v in data.items()}
+    return schema(**values)
+
+
+def save_config(config, output_dir: str | os.PathLike, name: str = 'config.yaml') -> Path:
+    """Write the resolved config (every key, defaults included) atomically."""
+    out = Path(output_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+    buf = io.StringIO()
+    yaml = YAML(typ='safe', pure=True)
+    yaml.default_flow_style = False
+    yaml.dump(data, buf)
+    tmp = out.with_name(out.name + '.tmp')
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,153 @@
+"""The one training loop every script uses: per-step LR, AMP, accumulation, clipping, NaN guard.
+
+A script supplies ``step_fn(model, batch, step) -> {loss_name: scalar tensor}``; the loop sums the
+losses, and owns everything else. A non-finite loss raises ``NonFiniteLossError`` naming the epoch,
+step and loss values *before* the backward pass, so no optimizer step and no checkpoint ever sees it.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections import defaultdict
+from typing import Callable, Iterator, Optional
+
+import torch
+from tqdm import tqdm
+
+from engine import distributed as du
+from engine.optim import set_lr
+
+__all__ = ['NonFiniteLossError', 'ResumableSampler', 'train_one_epoch', 'autocast']
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss was NaN or infinite; the run stops before the update."""
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a sampler so one iteration can start part-way (a resumed epoch skips what it already did).
+
+    The skipped indices are never loaded. ``len`` stays the full length so the epoch's step count and
+    the LR schedule do not change on resume.
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self._skip = 0
+
+    def start_at(self, num_samples: int) -> None:
+        self._skip = num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = AMP_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _batches_from(loader, start_step: int):
+    """Iterator over the loader's batches from ``start_step`` on, skipping in the sampler when possible."""
+    if start_step == 0:
+        return iter(loader)
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.start_at(start_step * loader.batch_size)
+        return iter(loader)
+    return itertools.islice(iter(loader), start_step, None)
+
+
+def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, float]:
+    values = {k: float(v.detach().float()) for k, v in losses.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(f'non-finite loss at epoch {epoch} step {step}: {bad} (all losses: {values}); '
+                                 f'stopped before the update, checkpoints on disk are from earlier steps')
+    return values
+
+
+def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    step_fn: Callable[[torch.nn.Module, object, int], dict], *, epoch: int,
+                    lr_fn: Callable[[int], float], device: torch.device, precision: str = 'none',
+                    accum_steps: int = 1, clip_grad: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
+                    logger=None, start_step: int = 0, save_every_steps: int = 0,
+                    save_fn: Optional[Callable[[int], None]] = None, log_every: int = 50) -> dict:
+    """Train one epoch from ``start_step``; return the epoch's mean losses (over ranks) and last LR.
+
+    ``save_fn(next_step)`` is called on every rank after each ``save_every_steps``-th optimizer step.
+    """
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
+    if accum_steps < 1:
+        raise ValueError(f'accum_steps must be >= 1, got {accum_steps}')
+    steps = len(loader)
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    window: dict[str, float] = defaultdict(float)
+    count = window_count = 0
+    lr = lr_fn(start_step)
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    bar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch}', disable=not du.is_main_process(),
+               dynamic_ncols=True, leave=False)
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.time()
+    for step, batch in zip(range(start_step, steps), _batches_from(loader, start_step)):
+        lr = lr_fn(step)
+        set_lr(optimizer, lr)
+        update = (step + 1) % accum_steps == 0 or step + 1 == steps
+        sync = model.no_sync() if is_ddp and not update else contextlib.nullcontext()
+        with sync:
+            with autocast(device, precision):
+                losses = step_fn(model, batch, step)
+            values = _check_finite(losses, epoch, step)
+            loss = sum(v.float() for v in losses.values()) / accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if update:
+            _optimizer_step(model, optimizer, scaler, clip_grad)
+        for k, v in values.items():
+            sums[k] += v
+            window[k] += v
+        count += 1
+        window_count += 1
+        bar.update(1)
+        if du.is_main_process():
+            bar.set_postfix({k: f'{v:.3f}' for k, v in values.items()} | {'lr': f'{lr:.2e}'})
+        if logger is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            logger.log({'epoch': epoch, 'step': step + 1, 'steps': steps, 'lr': lr,
+                        **{k: v / window_count for k, v in window.items()},
+                        'sec_per_step': (time.time() - t0) / window_count})
+            window.clear()
+            window_count, t0 = 0, time.time()
+        if save_fn is not None and save_every_steps and update and (step + 1) % save_every_steps == 0 \
+                and step + 1 < steps:
+            save_fn(step + 1)
+    bar.close()
+    keys = sorted(sums)
+    totals = du.all_reduce_sum([sums[k] for k in keys] + [count], device if device.type == 'cuda' else 'cpu')
+    n = max(totals[-1], 1)
+    return {'lr': lr, **{k: totals[i] / n for i, k in enumerate(keys)}}
+
+
+def _optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:
+    if clip_grad > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

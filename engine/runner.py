@@ -1,0 +1,232 @@
+"""What every task script does around its own step and evaluation: one ``Run`` object.
+
+A script is ``Run.start(argv, ConfigClass)`` -> datasets/loaders -> ``run.setup_model(model)`` ->
+``for epoch in run.epochs(): run.train_epoch(...); evaluate; run.save/log; run.end_epoch(epoch)``.
+Distributed set-up, seeding, the resolved config, AMP, DDP, the optimizer, resume and atomic
+checkpoints live here and in the modules it calls, never in the scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import create_dataset, create_loader, create_sampler
+from engine import distributed as du
+from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
+from engine.config import CommonConfig, add_common_args, load_config, save_config
+from engine.logging import JsonLogger
+from engine.loop import AMP_DTYPES, ResumableSampler, train_one_epoch
+from engine.optim import cosine_lr, create_optimizer
+
+__all__ = ['CommonConfig', 'Run', 'StepContext', 'cosine_epoch_lr', 'gather_objects', 'progress']
+
+
+def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
+    """The original's per-epoch cosine schedule (constant within an epoch) as a step -> lr function."""
+    lr = cosine_lr(epoch, max_epoch, init_lr, min_lr)
+    return lambda step: lr
+
+
+def progress(iterable, desc: str):
+    """tqdm on rank 0 only."""
+    return tqdm(iterable, desc=desc, disable=not du.is_main_process(), dynamic_ncols=True, leave=False)
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate a picklable list from every rank (identity without a process group)."""
+    if not du.is_dist_avail_and_initialized():
+        return list(items)
+    gathered = [None] * du.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+@dataclass
+class StepContext:
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        print('CUDA is not available: running on the CPU')
+        return torch.device('cpu')
+    if name.startswith('cuda') and 'LOCAL_RANK' in os.environ:
+        return torch.device('cuda', int(os.environ['LOCAL_RANK']))
+    return torch.device(name)
+
+
+class Run:
+    """State of one script invocation (see module docstring)."""
+
+    def __init__(self, args, config, device: torch.device):
+        self.args, self.config, self.device = args, config, device
+        self.output_dir = Path(args.output_dir)
+        self.result_dir = self.output_dir / 'result'
+        self.is_main = du.is_main_process()
+        self.distributed = du.is_dist_avail_and_initialized()
+        amp = config.amp or ('bf16' if device.type == 'cuda' else 'none')
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"{args.config}: amp must be one of {sorted(AMP_DTYPES)} or '', got {amp!r}")
+        self.precision = amp
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.logger = JsonLogger(self.output_dir) if self.is_main else None
+        self.model = self.model_without_ddp = self.optimizer = self.scaler = None
+        self.start_epoch, self.start_step = 0, 0
+        self._samplers: dict[int, object] = {}
+
+    @classmethod
+    def start(cls, argv: Optional[Sequence[str]], schema: type, description: str = '') -> 'Run':
+        parser = argparse.ArgumentParser(description=(description or '').strip().splitlines()[0] if description else None)
+        add_common_args(parser)
+        args = parser.parse_args(argv)
+        config = load_config(args.config, schema, args.options or [])
+        du.init_distributed_mode(args)
+        device = resolve_device(args.device)
+        du.seed_everything(args.seed, du.get_rank())
+        if du.is_main_process():
+            Path(args.output_dir, 'result').mkdir(parents=True, exist_ok=True)
+            save_config(config, args.output_dir)
+        du.barrier()
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+        return cls(args, config, device)
+
+    # ------------------------------------------------------------------------------------------ data
+    def datasets(self, name: str, **kwargs):
+        if self.config.get('toy_root', ''):
+            # rank 0 writes the toy dataset once; the others wait, then find it complete
+            if self.is_main:
+                from data.toy import ensure_toy_dataset
+                ensure_toy_dataset(self.config.toy_root, exact=False)
+            du.barrier()
+        return create_dataset(name, self.config, **kwargs)
+
+    def loaders(self, datasets: list, is_trains: list[bool], batch_sizes: list[int], collate_fns=None,
+                distributed_eval: bool = True) -> list:
+        """Loaders with DistributedSamplers when distributed (eval ones too unless ``distributed_eval=False``)."""
+        n = len(datasets)
+        world, rank = du.get_world_size(), du.get_rank()
+        # Training always goes through a seeded DistributedSampler (one replica when not distributed) so
+        # that an epoch's order depends on (seed, epoch) only and a resumed epoch can skip what it did.
+        made = create_sampler(datasets, is_trains, world, rank)
+        samplers = []
+        for sampler, train in zip(made, is_trains):
+            if train:
+                sampler.seed = self.args.seed
+                samplers.append(ResumableSampler(sampler))
+            else:
+                samplers.append(sampler if self.distributed and distributed_eval else None)
+        loaders = create_loader(datasets, samplers, batch_size=batch_sizes, num_workers=[self.config.num_workers] * n,
+                                is_trains=is_trains, collate_fns=collate_fns or [None] * n)
+        for loader, sampler in zip(loaders, samplers):
+            self._samplers[id(loader)] = sampler
+            # worker seeds come from this generator, not from the global RNG that resume restores
+            loader.generator = torch.Generator()
+        return loaders
+
+    # ------------------------------------------------------------------------------------------ model
+    def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """Move to the device, build the optimizer, resume if asked, wrap in DDP."""
+        model = model.to(self.device)
+        if self.device.type == 'cuda':
+            model = model.to(memory_format=torch.channels_last)
+        self.model_without_ddp = model
+        self.optimizer = create_optimizer(model, self.config)
+        if self.precision == 'fp16':
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self._maybe_resume()
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == 'cuda' else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                              find_unused_parameters=find_unused_parameters)
+        self.model = model
+        return model
+
+    def _maybe_resume(self) -> None:
+        resume = getattr(self.args, 'resume', None)
+        if not resume:
+            return
+        path = find_latest_checkpoint(self.output_dir) if resume == 'auto' else resume
+        if path is None:
+            print('--resume auto: no checkpoint yet, starting from scratch')
+            return
+        epoch, step = load_training_state(path, self.model_without_ddp, self.optimizer, self.scaler,
+                                          rank=du.get_rank(), world_size=du.get_world_size())
+        self.start_epoch, self.start_step = epoch, step
+        print(f'resumed from {path}: epoch {epoch}, step {step}')
+
+    def epochs(self) -> range:
+        if self.args.evaluate:
+            return range(self.start_epoch, self.start_epoch + 1)
+        return range(self.start_epoch, self.config.max_epoch)
+
+    def train_epoch(self, epoch: int, loader, step_fn: Callable, lr_fn: Callable[[int], float]) -> dict:
+        """One epoch of ``step_fn(model, batch, ctx) -> {loss_name: tensor}``; returns averaged metrics."""
+        sampler = self._samplers.get(id(loader))
+        if sampler is not None and hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, 'set_epoch'):
+            loader.dataset.set_epoch(epoch)
+        if loader.generator is not None:
+            loader.generator.manual_seed(self.args.seed * 100_003 + epoch * 1009 + du.get_rank())
+        steps = len(loader)
+        start_step = self.start_step if epoch == self.start_epoch else 0
+        self.model.train()
+
+        def wrapped_step(model, batch, step):
+            return step_fn(model, batch, StepContext(epoch, step, steps, self.device))
+
+        def save_mid_epoch(step: int) -> None:
+            self.save_resume_point(epoch, (epoch, step))
+
+        return train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
+                               precision=self.precision, accum_steps=self.config.accum_steps,
+                               clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
+                               device=self.device, start_step=start_step, log_every=self.config.log_every,
+                               save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def save(self, name: str, epoch: int) -> None:
+        """Atomic checkpoint in the original layout (model selection: best / per-epoch files). Rank 0 only,
+        no collective, so it may be called inside ``if run.is_main``; resuming from it starts epoch + 1."""
+        if self.is_main:
+            save_checkpoint(self.output_dir / name, self.model_without_ddp, self.optimizer, self.config.to_dict(),
+                            epoch, epoch + 1, 0, scaler=self.scaler)
+
+    def save_resume_point(self, epoch: int, resume: tuple[int, int]) -> None:
+        """``checkpoint_last.pth`` continuing at ``resume`` = (epoch, step). Collective: every rank's RNG
+        state is gathered so a resumed multi-process run continues each rank's random stream."""
+        rng = gather_objects([capture_rng_state()])
+        if self.is_main:
+            save_checkpoint(self.output_dir / 'checkpoint_last.pth', self.model_without_ddp, self.optimizer,
+                            self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng)
+        du.barrier()
+
+    def log(self, stats: dict, filename: str = 'log.txt') -> None:
+        if self.is_main:
+            with open(self.output_dir / filename, 'a') as f:
+                f.write(json.dumps(stats) + '\n')
+            print(json.dumps(stats))
+
+    def end_epoch(self, epoch: int) -> None:
+        """Mark the epoch finished for ``--resume`` (next start: epoch + 1, step 0)."""
+        if not self.args.evaluate:
+            self.save_resume_point(epoch, (epoch + 1, 0))
+        du.barrier()
+
+    def finish(self) -> None:
+        du.barrier()
+        if self.distributed:
+            dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""Caption NoCaps val and test images for the official evaluation server.
+
+    torchrun --nproc_per_node=8 eval_nocaps.py --config configs/nocaps.yaml --output_dir output/nocaps
+    python eval_nocaps.py --config configs/toy/nocaps.yaml --output_dir output/toy_nocaps
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.evaluation import save_result
+from engine.runner import CommonConfig, Run
+from models.blip import blip_decoder
+from train_caption import generate_captions
+
+
+@dataclass
+class NoCapsConfig(CommonConfig):
+    image_root: str = ''
+    ann_root: str = ''
+    pretrained: str = ''
+    vit: object = 'base'
+    batch_size: int = 32
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    image_size: int = 384
+    max_length: int = 20
+    min_length: int = 5
+    num_beams: int = 3
+    prompt: str = 'a picture of '
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    run = Run.start(argv, NoCapsConfig, description=__doc__)
+    config = run.config
+    val_set, test_set = run.datasets('nocaps')
+    val_loader, test_loader = run.loaders([val_set, test_set], [False, False], [config.batch_size] * 2)
+    model = blip_decoder(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
+                         vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
+                         prompt=config.prompt, med_config=config.med_config)
+    model = model.to(run.device).eval()
+    paths = {}
+    for split, loader in (('val', val_loader), ('test', test_loader)):
+        # NoCaps uses a repetition penalty of 1.1 (original eval_nocaps.py)
+        results = generate_captions(model, loader, config, run.device, run.amp_dtype, repetition_penalty=1.1)
+        paths[split] = str(save_result(results, run.result_dir, split, remove_duplicate='image_id'))
+    run.log({'result_files': paths}, 'evaluate.txt')
+    run.finish()
+    return paths
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,54 @@
+"""Zero-shot text-video retrieval on MSRVTT (1k-A) with an image-text retrieval model.
+
+Each video is ``num_frm_test`` frames: its ITC feature is the mean of the frames' features, and the ITM
+re-rank attends to all frames' tokens concatenated (original eval_retrieval_video.py).
+
+    torchrun --nproc_per_node=8 eval_retrieval_video.py --config configs/retrieval_msrvtt.yaml --output_dir output/msrvtt
+    python eval_retrieval_video.py --config configs/toy/retrieval_video.yaml --output_dir output/toy_video
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.evaluation import evaluation_retrieval_video, itm_eval_video
+from engine.runner import CommonConfig, Run
+from models.blip_retrieval import blip_retrieval
+
+
+@dataclass
+class VideoRetrievalConfig(CommonConfig):
+    video_root: str = ''
+    ann_root: str = ''
+    pretrained: str = ''
+    vit: object = 'base'
+    batch_size: int = 64
+    k_test: int = 128
+    image_size: int = 384
+    num_frm_test: int = 8
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    queue_size: int = 57600
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    run = Run.start(argv, VideoRetrievalConfig, description=__doc__)
+    config = run.config
+    test_set = run.datasets('retrieval_msrvtt')
+    test_set = test_set[0] if isinstance(test_set, (tuple, list)) else test_set
+    (test_loader,) = run.loaders([test_set], [False], [config.batch_size], distributed_eval=False)
+    model = blip_retrieval(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
+                           vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
+                           queue_size=config.queue_size, med_config=config.med_config)
+    model = model.to(run.device).eval()
+    score_v2t, score_t2v = evaluation_retrieval_video(model, test_loader, model.tokenizer, run.device,
+                                                      config.k_test, amp_dtype=run.amp_dtype)
+    stats = itm_eval_video(score_v2t, score_t2v, test_set.txt2video, test_set.video2txt) if run.is_main else {}
+    run.log(stats, 'test_result.txt')
+    run.finish()
+    return stats
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

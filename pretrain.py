@@ -1,0 +1,92 @@
+"""Pretrain BLIP with ITC (momentum distillation), ITM (hard negatives) and LM.
+
+The original downloaded its initial weights inside the model constructor. Here the model starts
+random and ``init_vit`` / ``init_text`` name the sources explicitly (timm model names or local files
+for the ViT; a transformers BERT name or folder for the text encoder and decoder); empty = random.
+
+    torchrun --nproc_per_node=8 pretrain.py --config configs/pretrain.yaml --output_dir output/pretrain
+    python pretrain.py --config configs/toy/pretrain.yaml --output_dir output/toy_pretrain
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.runner import CommonConfig, Run
+from models.blip_pretrain import blip_pretrain, init_from_pretrained
+
+
+@dataclass
+class PretrainConfig(CommonConfig):
+    train_file: list = field(default_factory=list)
+    laion_path: str = ''
+    image_root: str = ''   # prefix for relative image paths in train_file (toy data)
+    vit: object = 'base'
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    image_size: int = 224
+    batch_size: int = 75
+    queue_size: int = 57600
+    alpha: float = 0.4
+    weight_decay: float = 0.05
+    init_lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    lr_decay_rate: float = 0.9
+    max_epoch: int = 20
+    warmup_steps: int = 3000
+    med_config: str = 'configs/bert_config.json'
+    init_vit: str = ''    # e.g. 'deit_base_patch16_224.fb_in1k' (the original's DeiT-B) or a file
+    init_text: str = ''   # e.g. 'bert-base-uncased' or a local BERT folder
+
+
+def lr_function(config: PretrainConfig, epoch: int):
+    """Linear warm-up over the first ``warmup_steps`` of epoch 0, then step decay per epoch (original)."""
+    decayed = max(config.min_lr, config.init_lr * config.lr_decay_rate ** epoch)
+    if epoch > 0:
+        return lambda step: decayed
+
+    def warmup(step: int) -> float:
+        return min(config.init_lr, config.warmup_lr + (config.init_lr - config.warmup_lr) * step / config.warmup_steps)
+    return warmup
+
+
+def make_step(config: PretrainConfig):
+    def pretrain_step(model, batch, ctx) -> dict:
+        image, caption = batch[0], batch[1]
+        # the distillation weight ramps up over the first two epochs
+        progress = (ctx.epoch * ctx.steps_per_epoch + ctx.step) / (2 * ctx.steps_per_epoch)
+        alpha = config.alpha * min(1.0, progress)
+        loss_ita, loss_itm, loss_lm = model(image.to(ctx.device, non_blocking=True), caption, alpha=alpha)
+        return {'loss_ita': loss_ita, 'loss_itm': loss_itm, 'loss_lm': loss_lm}
+    return pretrain_step
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    run = Run.start(argv, PretrainConfig, description=__doc__)
+    config = run.config
+    train_set = run.datasets('pretrain', min_scale=0.2)
+    (train_loader,) = run.loaders([train_set], [True], [config.batch_size])
+    model = blip_pretrain(image_size=config.image_size, vit=config.vit, vit_grad_ckpt=config.vit_grad_ckpt,
+                          vit_ckpt_layer=config.vit_ckpt_layer, queue_size=config.queue_size,
+                          med_config=config.med_config)
+    if config.init_vit or config.init_text:
+        init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
+    run.setup_model(model)
+    stats = {}
+    step = make_step(config)
+    for epoch in run.epochs():
+        if config.laion_path and hasattr(train_set, 'reload_laion'):
+            train_set.reload_laion(epoch)
+        train_stats = run.train_epoch(epoch, train_loader, step, lr_function(config, epoch))
+        run.save(f'checkpoint_{epoch:02d}.pth', epoch)
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        run.log(stats)
+        run.end_epoch(epoch)
+    run.finish()
+    return stats
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""Fine-tune and evaluate BLIP's captioner on COCO Karpathy splits (or the toy dataset).
+
+    torchrun --nproc_per_node=8 train_caption.py --config configs/caption_coco.yaml --output_dir output/caption_coco
+    python train_caption.py --config configs/toy/caption.yaml --output_dir output/toy_caption
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.evaluation import coco_caption_eval, save_result
+from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
+from models.blip import blip_decoder
+
+
+@dataclass
+class CaptionConfig(CommonConfig):
+    image_root: str = ''
+    ann_root: str = ''
+    coco_gt_root: str = ''
+    pretrained: str = ''
+    vit: object = 'base'
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    batch_size: int = 32
+    init_lr: float = 1e-5
+    image_size: int = 384
+    max_length: int = 20
+    min_length: int = 5
+    num_beams: int = 3
+    prompt: str = 'a picture of '
+    weight_decay: float = 0.05
+    min_lr: float = 0.0
+    max_epoch: int = 5
+
+
+def caption_step(model, batch, ctx) -> dict:
+    image, caption, _ = batch
+    return {'loss': model(image.to(ctx.device, non_blocking=True), caption)}
+
+
+@torch.no_grad()
+def generate_captions(model, loader, config: CaptionConfig, device, amp_dtype, **generate_kwargs) -> list[dict]:
+    """``[{'image_id', 'caption'}]`` for every image of ``loader`` on this rank."""
+    model.eval()
+    results = []
+    for image, image_id in progress(loader, 'caption'):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            captions = model.generate(image.to(device, non_blocking=True), sample=False, num_beams=config.num_beams,
+                                      max_length=config.max_length, min_length=config.min_length, **generate_kwargs)
+        results += [{'image_id': int(i), 'caption': c} for i, c in zip(image_id, captions)]
+    return results
+
+
+def evaluate_split(run: Run, model, loader, split: str, tag: str) -> dict:
+    results = generate_captions(model, loader, run.config, run.device, run.amp_dtype)
+    path = save_result(results, run.result_dir, f'{split}_{tag}', remove_duplicate='image_id')
+    if not run.is_main:
+        return {}
+    gt = f'{run.config.coco_gt_root}/coco_karpathy_{split}_gt.json'
+    return coco_caption_eval(gt, path)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    run = Run.start(argv, CaptionConfig, description=__doc__)
+    config = run.config
+    train_set, val_set, test_set = run.datasets('caption_coco')
+    train_loader, val_loader, test_loader = run.loaders([train_set, val_set, test_set], [True, False, False],
+                                                        [config.batch_size] * 3)
+    model = blip_decoder(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
+                         vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
+                         prompt=config.prompt, med_config=config.med_config)
+    run.setup_model(model)
+    best, best_epoch, stats = -1.0, 0, {}
+    for epoch in run.epochs():
+        train_stats = {} if run.args.evaluate else run.train_epoch(
+            epoch, train_loader, caption_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
+        val = evaluate_split(run, run.model_without_ddp, val_loader, 'val', f'epoch{epoch}')
+        test = evaluate_split(run, run.model_without_ddp, test_loader, 'test', f'epoch{epoch}')
+        if run.is_main:
+            score = val['CIDEr'] + val['Bleu_4']
+            if run.args.evaluate:
+                stats = {**{f'val_{k}': v for k, v in val.items()}, **{f'test_{k}': v for k, v in test.items()}}
+                run.log(stats, 'evaluate.txt')
+                break
+            if score > best:
+                best, best_epoch = score, epoch
+                run.save('checkpoint_best.pth', epoch)
+            stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'val_{k}': v for k, v in val.items()},
+                     **{f'test_{k}': v for k, v in test.items()}, 'epoch': epoch, 'best_epoch': best_epoch}
+            run.log(stats)
+        run.end_epoch(epoch)
+        if run.args.evaluate:
+            break
+    run.finish()
+    return stats
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

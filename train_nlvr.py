@@ -1,0 +1,90 @@
+"""Fine-tune and evaluate BLIP on NLVR2 (two images, one statement: true or false).
+
+    torchrun --nproc_per_node=16 train_nlvr.py --config configs/nlvr.yaml --output_dir output/nlvr
+    python train_nlvr.py --config configs/toy/nlvr.yaml --output_dir output/toy_nlvr
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.runner import CommonConfig, Run, cosine_epoch_lr, gather_objects, progress
+from models.blip_nlvr import blip_nlvr
+
+
+@dataclass
+class NLVRConfig(CommonConfig):
+    image_root: str = ''
+    ann_root: str = ''
+    pretrained: str = ''
+    vit: object = 'base'
+    batch_size_train: int = 16
+    batch_size_test: int = 64
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    max_epoch: int = 15
+    image_size: int = 384
+    weight_decay: float = 0.05
+    init_lr: float = 3e-5
+    min_lr: float = 0.0
+
+
+def nlvr_step(model, batch, ctx) -> dict:
+    image0, image1, text, targets = batch
+    images = torch.cat([image0, image1], 0).to(ctx.device, non_blocking=True)
+    return {'loss': model(images, text, targets.to(ctx.device, non_blocking=True), train=True)}
+
+
+@torch.no_grad()
+def evaluate(run: Run, loader) -> dict:
+    """Accuracy over the dataset's examples, each counted once (distributed-sampler padding removed)."""
+    model = run.model_without_ddp
+    model.eval()
+    correct = []
+    for image0, image1, text, targets in progress(loader, 'nlvr'):
+        images = torch.cat([image0, image1], 0).to(run.device, non_blocking=True)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            logits = model(images, text, targets.to(run.device), train=False)
+        correct += (logits.argmax(1).cpu() == targets).tolist()
+    sampler = loader.sampler if run.distributed else None
+    indices = list(iter(sampler)) if sampler is not None else list(range(len(correct)))
+    by_index = dict(gather_objects(list(zip(indices, correct))))
+    return {'acc': 100.0 * sum(by_index.values()) / max(1, len(by_index))}
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    run = Run.start(argv, NLVRConfig, description=__doc__)
+    config = run.config
+    train_set, val_set, test_set = run.datasets('nlvr')
+    train_loader, val_loader, test_loader = run.loaders(
+        [train_set, val_set, test_set], [True, False, False],
+        [config.batch_size_train, config.batch_size_test, config.batch_size_test])
+    model = blip_nlvr(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
+                      vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
+                      med_config=config.med_config)
+    run.setup_model(model)
+    best, best_epoch, stats = -1.0, 0, {}
+    for epoch in run.epochs():
+        train_stats = {} if run.args.evaluate else run.train_epoch(
+            epoch, train_loader, nlvr_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
+        val, test = evaluate(run, val_loader), evaluate(run, test_loader)
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'val_acc': val['acc'], 'test_acc': test['acc'],
+                 'epoch': epoch}
+        if run.args.evaluate:
+            run.log(stats, 'evaluate.txt')
+            break
+        if val['acc'] > best:
+            best, best_epoch = val['acc'], epoch
+            run.save('checkpoint_best.pth', epoch)
+        stats['best_epoch'] = best_epoch
+        run.log(stats)
+        run.end_epoch(epoch)
+    run.finish()
+    return stats
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
