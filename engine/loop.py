@@ -97,7 +97,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     sums: dict[str, float] = defaultdict(float)
     window: dict[str, float] = defaultdict(float)
     count = window_count = 0
-    lr = lr_fn(start_step)
+    lr = optimizer.param_groups[0]['lr']
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     bar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch}', disable=not du.is_main_process(),
                dynamic_ncols=True, leave=False)

@@ -35,4 +35,4 @@ def create_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
     """
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=config.init_lr, weight_decay=config.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=config.init_lr, weight_decay=config.get('weight_decay', 0.05), fused=fused or None)

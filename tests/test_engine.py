@@ -1,0 +1,359 @@
+"""Engine units: configs, distributed env, LR schedules, the training loop, checkpoints and resume state."""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import distributed as du
+from engine.checkpoint_io import (atomic_torch_save, capture_rng_state, find_latest_checkpoint, load_training_state,
+                                  restore_rng_state, save_checkpoint)
+from engine.config import CommonConfig, ConfigError, load_config, save_config
+from engine.loop import NonFiniteLossError, ResumableSampler, train_one_epoch
+from engine.optim import cosine_lr, create_optimizer, step_lr, warmup_lr
+from models.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ------------------------------------------------------------------------------------------- configs
+ORIGINAL_CONFIGS = {  # every original YAML, unchanged, loads into its script's schema
+    'pretrain.yaml': ('pretrain', 'PretrainConfig'),
+    'caption_coco.yaml': ('train_caption', 'CaptionConfig'),
+    'nocaps.yaml': ('eval_nocaps', 'NoCapsConfig'),
+    'retrieval_coco.yaml': ('train_retrieval', 'RetrievalConfig'),
+    'retrieval_flickr.yaml': ('train_retrieval', 'RetrievalConfig'),
+    'retrieval_msrvtt.yaml': ('eval_retrieval_video', 'VideoRetrievalConfig'),
+    'vqa.yaml': ('train_vqa', 'VQAConfig'),
+    'nlvr.yaml': ('train_nlvr', 'NLVRConfig'),
+}
+TOY_CONFIGS = {'pretrain.yaml': 'pretrain', 'caption.yaml': 'train_caption', 'nocaps.yaml': 'eval_nocaps',
+               'retrieval.yaml': 'train_retrieval', 'retrieval_video.yaml': 'eval_retrieval_video',
+               'vqa.yaml': 'train_vqa', 'nlvr.yaml': 'train_nlvr'}
+
+
+def _schema(module: str, name: str | None = None):
+    mod = importlib.import_module(module)
+    if name is None:
+        name = next(n for n in dir(mod) if n.endswith('Config') and n != 'CommonConfig')
+    return getattr(mod, name)
+
+
+@pytest.mark.parametrize('filename', sorted(ORIGINAL_CONFIGS))
+def test_original_configs_load_unchanged(filename):
+    module, schema = ORIGINAL_CONFIGS[filename]
+    config = load_config(ROOT / 'configs' / filename, _schema(module, schema))
+    assert config.image_size in (224, 384, 480)
+    assert isinstance(config.init_lr if hasattr(config, 'init_lr') else 0.0, float)  # '1e-5' parsed as a float
+
+
+@pytest.mark.parametrize('filename', sorted(TOY_CONFIGS))
+def test_toy_configs_load(filename):
+    config = load_config(ROOT / 'configs' / 'toy' / filename, _schema(TOY_CONFIGS[filename]))
+    assert config.toy_root and config.vit == 'tiny'
+
+
+@dataclass
+class _Schema(CommonConfig):
+    init_lr: float = 1e-5
+    batch_size: int = 32
+    vit: object = 'base'
+    train_file: list = None
+    use_x: bool = False
+
+
+def _yaml(tmp_path, text: str) -> Path:
+    path = tmp_path / 'c.yaml'
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
+    path = _yaml(tmp_path, 'init_lr: 1e-4\nbatch_sise: 8\n')
+    with pytest.raises(ConfigError, match=r"c\.yaml.*'batch_sise'"):
+        load_config(path, _Schema)
+    with pytest.raises(ConfigError, match=r"'nope'"):
+        load_config(_yaml(tmp_path, 'init_lr: 1e-4\n'), _Schema, ['nope=3'])
+
+
+def test_wrong_types_and_bad_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'batch_size' must be int"):
+        load_config(_yaml(tmp_path, 'batch_size: many\n'), _Schema)
+    with pytest.raises(ConfigError, match=r"'use_x' must be bool"):
+        load_config(_yaml(tmp_path, 'use_x: 3\n'), _Schema)
+    with pytest.raises(ConfigError, match='not found'):
+        load_config(tmp_path / 'missing.yaml', _Schema)
+    with pytest.raises(ConfigError, match='not valid YAML'):
+        load_config(_yaml(tmp_path, 'a: [1, 2\n'), _Schema)
+    with pytest.raises(ConfigError, match='mapping'):
+        load_config(_yaml(tmp_path, '- 1\n- 2\n'), _Schema)
+    with pytest.raises(ConfigError, match='KEY=VALUE'):
+        load_config(_yaml(tmp_path, ''), _Schema, ['batch_size'])
+
+
+def test_options_override_with_yaml_values_and_dotted_keys(tmp_path):
+    path = _yaml(tmp_path, "init_lr: 1e-5\nvit: {name: base, drop_path_rate: 0.0}\n")
+    config = load_config(path, _Schema, ['batch_size=8', 'init_lr=2', 'vit.drop_path_rate=0.1',
+                                         "train_file=[a.json, b.json]", 'use_x=true'])
+    assert config.batch_size == 8 and config.init_lr == 2.0 and isinstance(config.init_lr, float)
+    assert config.vit == {'name': 'base', 'drop_path_rate': 0.1}
+    assert config.train_file == ['a.json', 'b.json'] and config.use_x is True
+    with pytest.raises(ConfigError, match='not a mapping'):
+        load_config(_yaml(tmp_path, 'vit: base\n'), _Schema, ['vit.depth=3'])
+
+
+def test_resolved_config_is_saved_and_reloads_identically(tmp_path):
+    config = load_config(_yaml(tmp_path, 'init_lr: 3e-4\ntrain_file: [x.json]\n'), _Schema, ['batch_size=4'])
+    out = save_config(config, tmp_path / 'run')
+    assert load_config(out, _Schema) == config
+    assert config['batch_size'] == 4 and 'init_lr' in config and config.get('absent', 7) == 7
+
+
+# --------------------------------------------------------------------------------------- distributed
+def test_dist_env_from_torchrun_slurm_or_nothing():
+    assert du.read_dist_env({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1'}) == \
+        {'rank': 3, 'world_size': 8, 'local_rank': 1}
+    # the original left world_size at 1 under SLURM (multi-node jobs hung); it must be SLURM_NTASKS
+    env = du.read_dist_env({'SLURM_PROCID': '5', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '1'})
+    assert (env['rank'], env['world_size'], env['local_rank']) == (5, 16, 1)
+    assert du.read_dist_env({}) == {}
+
+
+def test_single_process_needs_no_process_group(monkeypatch):
+    for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS'):
+        monkeypatch.delenv(key, raising=False)
+
+    class Args:
+        distributed, dist_url, device = True, 'env://', 'cpu'
+
+    args = Args()
+    du.init_distributed_mode(args)
+    assert args.distributed is False and args.world_size == 1
+    assert du.get_rank() == 0 and du.get_world_size() == 1 and du.is_main_process()
+    du.barrier()  # the original crashed here without a process group
+    t = torch.arange(3.0, requires_grad=True)
+    assert du.all_gather_with_grad(t) is t and torch.equal(du.all_gather_no_grad(t), t)
+
+
+# ----------------------------------------------------------------------------------------- schedules
+def test_lr_schedules_match_the_original_formulas():
+    caption = [cosine_lr(e, 5, 1e-5, 0.0) for e in range(5)]
+    assert caption == pytest.approx([1e-5, 9.045e-6, 6.545e-6, 3.455e-6, 9.55e-7], rel=1e-3)
+    assert warmup_lr(0, 3000, 1e-6, 3e-4) == 1e-6 and warmup_lr(3000, 3000, 1e-6, 3e-4) == 3e-4
+    assert warmup_lr(1500, 3000, 1e-6, 3e-4) == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)
+    assert step_lr(2, 3e-4, 1e-6, 0.9) == pytest.approx(3e-4 * 0.81) and step_lr(200, 3e-4, 1e-6, 0.9) == 1e-6
+
+
+def test_optimizer_is_the_originals_adamw_over_all_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    opt = create_optimizer(model, _Schema(init_lr=1e-3))
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert len(group['params']) == 4 and group['weight_decay'] == 0.05 and group['betas'] == (0.9, 0.999)
+
+
+# --------------------------------------------------------------------------------------------- loop
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _mse_step(model, batch, step):
+    x, y = batch
+    return {'loss': ((model(x) - y) ** 2).mean()}
+
+
+def _train(batch_size, accum, lr_fn=lambda s: 0.1, step_fn=_mse_step, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(_Data(), batch_size=batch_size, shuffle=False)
+    stats = train_one_epoch(model, loader, opt, step_fn, epoch=0, lr_fn=lr_fn, device=torch.device('cpu'),
+                            accum_steps=accum, **kw)
+    return model, opt, stats
+
+
+def test_accumulation_equals_one_large_batch():
+    big, _, _ = _train(batch_size=8, accum=1)
+    small, _, _ = _train(batch_size=4, accum=2)
+    torch.testing.assert_close(small.weight, big.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_is_set_every_step_and_reported():
+    seen = []
+
+    def step_fn(model, batch, step):
+        return _mse_step(model, batch, step)
+
+    model, opt, stats = _train(batch_size=4, accum=1, lr_fn=lambda s: seen.append(s) or 0.01 * (s + 1),
+                               step_fn=step_fn)
+    assert seen == [0, 1, 2, 3] and opt.param_groups[0]['lr'] == pytest.approx(0.04)
+    assert stats['lr'] == pytest.approx(0.04) and stats['loss'] > 0
+
+
+def test_clipping_bounds_the_update():
+    free, _, _ = _train(batch_size=16, accum=1, lr_fn=lambda s: 1.0)
+    clipped, _, _ = _train(batch_size=16, accum=1, lr_fn=lambda s: 1.0, clip_grad=1e-3)
+    torch.manual_seed(0)
+    start = torch.nn.Linear(4, 1)
+    moved = lambda m: float(torch.cat([(m.weight - start.weight).flatten(), m.bias - start.bias]).detach().norm())  # noqa: E731
+    assert moved(clipped) == pytest.approx(1e-3, rel=1e-3) and moved(free) > 1e-2
+
+
+def test_non_finite_loss_stops_before_the_update_naming_the_step(tmp_path):
+    saved = []
+
+    def step_fn(model, batch, step):
+        out = _mse_step(model, batch, step)
+        return {'loss': out['loss'] * (float('nan') if step == 2 else 1.0), 'aux': out['loss'].detach()}
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(_Data(), batch_size=4)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3 step 2: \{'loss': nan\}"):
+        train_one_epoch(model, loader, opt, step_fn, epoch=3, lr_fn=lambda s: 0.1, device=torch.device('cpu'),
+                        save_every_steps=1, save_fn=saved.append)
+    assert saved == [1, 2]  # checkpoints only after the good steps 0 and 1, none after the NaN
+    assert torch.isfinite(model.weight).all()
+
+
+def test_bf16_autocast_runs_on_cpu():
+    _, _, stats = _train(batch_size=4, accum=1, precision='bf16')
+    assert math.isfinite(stats['loss'])
+    with pytest.raises(ValueError, match='amp must be one of'):
+        _train(batch_size=4, accum=1, precision='fp8')
+
+
+def test_resumable_sampler_skips_without_loading():
+    sampler = ResumableSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=1))
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.start_at(4)
+    assert list(sampler) == full[4:] and len(sampler) == 10
+    assert list(sampler) == full  # the skip applies to one iteration only
+
+
+def test_loop_resumes_mid_epoch_to_the_same_weights():
+    def run(stop_at=None, resume=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        sampler = ResumableSampler(torch.utils.data.DistributedSampler(_Data(), num_replicas=1, rank=0, seed=5))
+        loader = torch.utils.data.DataLoader(_Data(), batch_size=4, sampler=sampler)
+        states = {}
+
+        def save(step):
+            states[step] = ({k: v.clone() for k, v in model.state_dict().items()}, pickle.dumps(opt.state_dict()))
+            if step == stop_at:
+                raise KeyboardInterrupt
+
+        start = 0
+        if resume is not None:
+            step, (weights, opt_state) = resume
+            model.load_state_dict(weights)
+            opt.load_state_dict(pickle.loads(opt_state))
+            start = step
+        try:
+            train_one_epoch(model, loader, opt, _mse_step, epoch=0, lr_fn=lambda s: 0.1,
+                            device=torch.device('cpu'), start_step=start, save_every_steps=1, save_fn=save)
+        except KeyboardInterrupt:
+            return None, states
+        return model, states
+
+    full, _ = run()
+    _, states = run(stop_at=2)
+    resumed, _ = run(resume=(2, states[2]))
+    torch.testing.assert_close(resumed.weight, full.weight, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def _ckpt(tmp_path, name='ck.pth', epoch=1, resume=(1, 7)):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / name, model, opt, {'init_lr': 1e-3}, epoch, *resume)
+    return path, model, opt
+
+
+def test_checkpoint_has_the_original_layout_and_resume_position(tmp_path):
+    path, model, _ = _ckpt(tmp_path)
+    ck = torch.load(path, weights_only=True)
+    assert {'model', 'optimizer', 'config', 'epoch'} <= set(ck) and ck['epoch'] == 1
+    fresh = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert load_training_state(path, fresh, opt) == (1, 7)
+    torch.testing.assert_close(fresh.weight, model.weight)
+    assert opt.state_dict()['state'][0]['step'] == 1
+
+
+def test_original_checkpoint_resumes_at_next_epoch(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    torch.save({'model': model.state_dict(), 'optimizer': {}, 'config': {}, 'epoch': 4}, tmp_path / 'orig.pth')
+    assert load_training_state(tmp_path / 'orig.pth', torch.nn.Linear(3, 2), None) == (5, 0)
+
+
+def test_mismatched_or_malicious_checkpoints_are_refused(tmp_path):
+    path, _, _ = _ckpt(tmp_path)
+    with pytest.raises(CheckpointError, match='does not match the model'):
+        load_training_state(path, torch.nn.Linear(3, 5), None)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ('echo pwned',))
+
+    torch.save({'model': Evil(), 'epoch': 0}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match='refused to load'):
+        load_training_state(tmp_path / 'evil.pth', torch.nn.Linear(3, 2), None)
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path, model, _ = _ckpt(tmp_path, name='checkpoint_last.pth')
+    before = torch.load(path, weights_only=True)['model']
+
+    def torn_save(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(torch, 'save', torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({'model': {}}, path)
+    monkeypatch.undo()
+    after = torch.load(path, weights_only=True)['model']
+    torch.testing.assert_close(after, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint_last.pth']  # no temp file left
+    assert find_latest_checkpoint(tmp_path) == path
+
+
+def test_find_latest_checkpoint(tmp_path):
+    assert find_latest_checkpoint(tmp_path) is None
+    for n in (1, 10, 2):
+        (tmp_path / f'checkpoint_{n:02d}.pth').write_bytes(b'')
+    assert find_latest_checkpoint(tmp_path).name == 'checkpoint_10.pth'
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # a cached gaussian is part of numpy's state
+    atomic_torch_save(capture_rng_state(), tmp_path / 'rng.pth')
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    restore_rng_state(torch.load(tmp_path / 'rng.pth', weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
