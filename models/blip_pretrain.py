@@ -192,7 +192,7 @@ class BLIP_Pretrain(nn.Module):
         dec_ids[:, 0] = self.tokenizer.bos_token_id
         targets = dec_ids.masked_fill(dec_ids == self.tokenizer.pad_token_id, -100)
         loss_lm = self.text_decoder(dec_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
-                                    labels=targets).loss
+                                    labels=targets, loss_only=True).loss
         return loss_ita, loss_itm, loss_lm
 
 

@@ -159,7 +159,7 @@ class BLIP_VQA(nn.Module):
             cross_kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cross_kv]
             q_mask = q_mask.repeat_interleave(n, 0)
         out = self.text_decoder(ids, attention_mask=atts, encoder_attention_mask=q_mask, cross_kv=cross_kv,
-                                labels=targets, reduction='none')
+                                labels=targets, reduction='none', loss_only=True)
         return (weights.to(out.loss.dtype) * out.loss).sum() / states.shape[0]
 
     @torch.no_grad()
@@ -191,7 +191,7 @@ class BLIP_VQA(nn.Module):
         atts = answer_atts[topk_ids.view(-1)]
         targets = ids.masked_fill(ids == self.tokenizer.pad_token_id, -100)
         out = self.text_decoder(ids, attention_mask=atts, encoder_attention_mask=question_atts, cross_kv=cross_kv,
-                                labels=targets, reduction='none')                     # rows j -> question j // k
+                                labels=targets, reduction='none', loss_only=True)     # rows j -> question j // k
         scores = -out.loss.view(B, k)                                                 # smoothed log-likelihood
         if return_topk is None:
             return topk_ids.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)

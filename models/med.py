@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.losses import lm_loss
+from models.losses import lm_loss, lm_loss_at_targets
 
 # BERT keys that appear in BERT/HF json files but mean nothing here.
 _IGNORED_CONFIG_KEYS = {
@@ -544,8 +544,12 @@ class MEDLMHeadModel(nn.Module):
                 encoder_hidden_states=None, encoder_attention_mask=None, labels=None, past_key_values=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 return_logits: bool = False, is_decoder: bool = True, reduction: str = 'mean',
-                mode: str = 'multimodal', cross_kv: Optional[list] = None, soft_labels=None, alpha: float = 0):
+                mode: str = 'multimodal', cross_kv: Optional[list] = None, soft_labels=None, alpha: float = 0,
+                loss_only: bool = False):
         """Decoder forward; with ``labels`` the LM loss (label smoothing 0.1, ``reduction`` 'mean' or 'none').
+
+        ``loss_only``: with ``labels``, apply the vocabulary head only at positions that have a target
+        and return ``logits=None`` (same loss, far less work: training and answer ranking use this).
 
         Returns:
             ``logits[:, :-1]`` if ``return_logits``, else an MEDOutput with ``logits`` [B,L,V], ``loss``,
@@ -556,6 +560,11 @@ class MEDLMHeadModel(nn.Module):
                         encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
                         use_cache=use_cache, output_hidden_states=output_hidden_states,
                         is_decoder=is_decoder, mode=mode, cross_kv=cross_kv)
+        if loss_only and labels is not None and not return_logits:
+            loss = lm_loss_at_targets(out.last_hidden_state, labels, self.cls, reduction=reduction,
+                                      label_smoothing=self.config.label_smoothing)
+            return MEDOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
+                             last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
         logits = self.cls(out.last_hidden_state)                                       # [B,L,V]
         if return_logits:
             return logits[:, :-1].contiguous()

@@ -162,6 +162,16 @@ def test_lm_loss_mean_and_none_reductions():
     torch.testing.assert_close(out_none.loss, per_token.sum(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_mean.loss, per_token.sum() / valid.sum(), atol=1e-5, rtol=1e-5)
     assert decoder(ids, encoder_hidden_states=image, return_logits=True).shape[1] == ids.shape[1] - 1
+    # the head applied only at target positions gives the same losses, without [B, L, V] logits
+    for reduction, full in (('mean', out_mean), ('none', out_none)):
+        fast = decoder(ids, attention_mask=mask, encoder_hidden_states=image, labels=labels, reduction=reduction,
+                       loss_only=True)
+        assert fast.logits is None
+        torch.testing.assert_close(fast.loss, full.loss, atol=1e-5, rtol=1e-5)
+    none_valid = torch.full_like(labels, -100)
+    assert decoder(ids, encoder_hidden_states=image, labels=none_valid, loss_only=True).loss.isnan()
+    assert torch.equal(decoder(ids, encoder_hidden_states=image, labels=none_valid, loss_only=True,
+                               reduction='none').loss, torch.zeros(ids.shape[0]))
 
 
 def test_resize_token_embeddings_keeps_old_rows_and_tie():
