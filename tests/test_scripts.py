@@ -1,0 +1,127 @@
+"""Every task script end to end on a small toy dataset with a tiny model: as ``python`` (in process)
+and as a 2-process ``torchrun`` on CPU (gloo). Outputs, checkpoints and logs must be written."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.toy import ensure_toy_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='session')
+def toy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('toy')
+    return ensure_toy_dataset(root, n_train=16, n_val=8, n_test=8, n_web=16, n_videos=4, video_frames=4)
+
+
+def script_options(script: str, root: Path) -> list[str]:
+    """``--options`` pointing a toy config at ``root``, shrunk to seconds of CPU work."""
+    r = str(root)
+    images, ann = f'image_root={r}/images', f'ann_root={r}/annotation'
+    base = [f'toy_root={r}', 'num_workers=0', 'image_size=32']
+    per_script = {
+        'pretrain': [f'train_file=[{r}/annotation/coco_karpathy_train.json, {r}/annotation/pretrain_noisy.json]',
+                     images, 'batch_size=8', 'queue_size=16', 'warmup_steps=2', 'max_epoch=1'],
+        'train_caption': [images, ann, f'coco_gt_root={r}/annotation/coco_gt', 'batch_size=8', 'max_length=8',
+                          'num_beams=2', 'max_epoch=1'],
+        'eval_nocaps': [images, ann, 'batch_size=8', 'max_length=8', 'num_beams=2'],
+        'train_retrieval': [images, ann, 'batch_size_train=8', 'batch_size_test=8', 'queue_size=16', 'k_test=4',
+                            'max_epoch=1'],
+        'train_vqa': [f'vqa_root={r}/images', ann, 'batch_size_train=8', 'batch_size_test=8', 'k_test=4',
+                      'max_epoch=1'],
+        'train_nlvr': [images, ann, 'batch_size_train=4', 'batch_size_test=4', 'max_epoch=1'],
+        'eval_retrieval_video': [f'video_root={r}/videos', ann, 'batch_size=2', 'k_test=4', 'num_frm_test=2'],
+    }
+    return base + per_script[script]
+
+
+CONFIGS = {'pretrain': 'pretrain', 'train_caption': 'caption', 'eval_nocaps': 'nocaps',
+           'train_retrieval': 'retrieval', 'train_vqa': 'vqa', 'train_nlvr': 'nlvr',
+           'eval_retrieval_video': 'retrieval_video'}
+
+EXPECTED_FILES = {
+    'pretrain': ['checkpoint_00.pth', 'checkpoint_last.pth', 'log.txt', 'train_log.jsonl'],
+    'train_caption': ['checkpoint_best.pth', 'checkpoint_last.pth', 'log.txt', 'result/val_epoch0.json',
+                      'result/test_epoch0.json'],
+    'eval_nocaps': ['result/val.json', 'result/test.json', 'evaluate.txt'],
+    'train_retrieval': ['checkpoint_best.pth', 'checkpoint_last.pth', 'log.txt'],
+    'train_vqa': ['checkpoint_00.pth', 'result/vqa_result.json', 'log.txt'],
+    'train_nlvr': ['checkpoint_best.pth', 'log.txt'],
+    'eval_retrieval_video': ['test_result.txt'],
+}
+EXPECTED_METRICS = {  # keys of the last log line (log.txt / evaluate.txt / test_result.txt)
+    'pretrain': ['train_loss_ita', 'train_loss_itm', 'train_loss_lm', 'epoch'],
+    'train_caption': ['train_loss', 'val_CIDEr', 'val_Bleu_4', 'test_CIDEr', 'best_epoch'],
+    'train_retrieval': ['train_loss_ita', 'train_loss_itm', 'val_r_mean', 'test_txt_r1', 'test_img_r1'],
+    'train_vqa': ['test_vqa_accuracy'],
+    'train_nlvr': ['train_loss', 'val_acc', 'test_acc', 'best_epoch'],
+    'eval_retrieval_video': ['txt_r1', 'vid_r1', 'vid_mdR', 'r_mean'],
+}
+LOG_FILE = {'eval_nocaps': 'evaluate.txt', 'eval_retrieval_video': 'test_result.txt'}
+
+
+def argv(script: str, toy: Path, out: Path, *extra: str) -> list[str]:
+    return ['--config', str(ROOT / 'configs' / 'toy' / f'{CONFIGS[script]}.yaml'), '--output_dir', str(out),
+            '--device', 'cpu', *extra, '--options', *script_options(script, toy)]
+
+
+def check_outputs(script: str, out: Path, expected_samples: dict | None = None) -> dict:
+    for name in EXPECTED_FILES[script]:
+        assert (out / name).is_file(), f'{script}: {name} not written'
+    assert (out / 'config.yaml').is_file()
+    for ck in out.glob('checkpoint_*.pth'):
+        state = torch.load(ck, weights_only=True)
+        assert {'model', 'optimizer', 'config', 'epoch'} <= set(state)
+    lines = (out / LOG_FILE.get(script, 'log.txt')).read_text().splitlines()
+    last = json.loads(lines[-1])
+    for key in EXPECTED_METRICS.get(script, []):
+        assert key in last, f'{script}: {key} missing from {last}'
+    return last
+
+
+@pytest.mark.parametrize('script', sorted(CONFIGS))
+def test_script_runs_in_process(script, toy, tmp_path):
+    module = importlib.import_module(script)
+    module.main(argv(script, toy, tmp_path))
+    check_outputs(script, tmp_path)
+    if script == 'train_caption':  # every evaluation image captioned once
+        assert len(json.loads((tmp_path / 'result/val_epoch0.json').read_text())) == 8
+
+
+def _torchrun(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(ROOT / f'{script}.py'), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f'{script} under torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
+    return proc
+
+
+@pytest.mark.parametrize('script', sorted(CONFIGS))
+def test_script_runs_under_torchrun_with_two_processes(script, toy, tmp_path):
+    proc = _torchrun(script, argv(script, toy, tmp_path))
+    assert 'distributed init (rank 0/2, gloo)' in proc.stdout + proc.stderr
+    check_outputs(script, tmp_path)
+    if script == 'train_caption':  # distributed-sampler padding removed: each image once
+        ids = [r['image_id'] for r in json.loads((tmp_path / 'result/val_epoch0.json').read_text())]
+        assert len(ids) == len(set(ids)) == 8
+    if script == 'train_vqa':
+        answers = json.loads((tmp_path / 'result/vqa_result.json').read_text())
+        assert len({a['question_id'] for a in answers}) == len(answers)
+
+
+def test_unknown_config_key_fails_before_any_work(toy, tmp_path):
+    from engine.config import ConfigError
+    import train_caption
+    with pytest.raises(ConfigError, match=r"caption\.yaml.*'batch_sise'"):
+        train_caption.main(argv('train_caption', toy, tmp_path) + ['batch_sise=8'])
+    assert not (tmp_path / 'config.yaml').exists()
