@@ -29,6 +29,7 @@ class PretrainConfig(CommonConfig):
     batch_size: int = 75
     queue_size: int = 57600
     alpha: float = 0.4
+    momentum: float = 0.995   # EMA of the momentum encoders (the original's constructor default)
     weight_decay: float = 0.05
     init_lr: float = 3e-4
     min_lr: float = 1e-6
@@ -69,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_set = run.datasets('pretrain', min_scale=0.2)
     (train_loader,) = run.loaders([train_set], [True], [config.batch_size])
     model = blip_pretrain(image_size=config.image_size, vit=config.vit, vit_grad_ckpt=config.vit_grad_ckpt,
-                          vit_ckpt_layer=config.vit_ckpt_layer, queue_size=config.queue_size,
+                          vit_ckpt_layer=config.vit_ckpt_layer, queue_size=config.queue_size, momentum=config.momentum,
                           med_config=config.med_config)
     if config.init_vit or config.init_text:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)

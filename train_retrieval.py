@@ -34,6 +34,7 @@ class RetrievalConfig(CommonConfig):
     image_size: int = 384
     queue_size: int = 57600
     alpha: float = 0.4
+    momentum: float = 0.995   # EMA of the momentum encoders (the original's constructor default)
     k_test: int = 256
     negative_all_rank: bool = True
     weight_decay: float = 0.05
@@ -69,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         [config.batch_size_train, config.batch_size_test, config.batch_size_test], distributed_eval=False)
     model = blip_retrieval(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
                            vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                           queue_size=config.queue_size, negative_all_rank=config.negative_all_rank,
+                           queue_size=config.queue_size, negative_all_rank=config.negative_all_rank, momentum=config.momentum,
                            med_config=config.med_config)
     run.setup_model(model)
     best, best_epoch, stats = -1.0, 0, {}

@@ -1,0 +1,551 @@
+"""CapFilt: bootstrap a cleaner pretraining set with a captioner and a filter (BLIP paper, section 3.3).
+
+For every web image the captioner (an image-grounded decoder fine-tuned on human captions, e.g.
+``model_base_caption_capfilt_large.pth``) samples synthetic captions with nucleus sampling; the filter
+(an image-grounded encoder fine-tuned with ITC+ITM, e.g. ``model_base_retrieval_coco.pth``) scores the
+web caption and each synthetic one, and every caption whose ITM match probability is below the
+threshold is removed (reference 11: captioner = COCO caption model, filter = COCO retrieval model).
+Kept pairs plus the human-annotated pairs form the new pretraining set, written in the original
+``[{'image', 'caption'}]`` format that ``pretrain.py`` reads with the same ``image_root``.
+
+Work is cut into shards of ``shard_size`` web entries; shard ``s`` is done by rank ``s % world_size``
+with the sampling RNG seeded by ``seed + s``, and written atomically (scores, not decisions) when it
+completes. A killed run resumes by skipping finished shards; rank 0 waits for every shard and merges
+them in order, so the output does not depend on the number of ranks or on interruptions. Because the
+shards hold scores, ``threshold`` and ``keep`` can be changed and the output re-merged without
+re-running the models. Unreadable images are counted and listed in the summary, never fatal.
+
+Outputs in ``--output_dir``: ``output_file`` (the new annotation list), ``capfilt_summary.json``
+(counts, score histograms, throughput), ``capfilt_report.html`` (a Figure-4-like page of examples),
+``shards/`` (the per-shard scores) and ``config.yaml``.
+
+    torchrun --nproc_per_node=8 capfilt.py --config configs/capfilt.yaml --output_dir output/capfilt
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.loading import join_root
+from data.pretrain_dataset import load_annotation_index
+from data.utils import pre_caption
+from engine.config import CommonConfig, ConfigError, add_common_args, load_config, save_config
+from engine.distributed import read_dist_env
+from engine.loop import AMP_DTYPES
+from engine.runner import resolve_device
+from models.blip import blip_decoder
+from models.blip_itm import FIRST_TOKENS, blip_itm
+from transform import create_transforms
+
+HIST_BINS = 10
+SUMMARY_FILE = 'capfilt_summary.json'
+REPORT_FILE = 'capfilt_report.html'
+# Settings that change the shards' contents; a resumed run must use the same ones.
+SHARD_KEYS = ('ann_file', 'image_root', 'captioner', 'filter', 'vit', 'image_size', 'med_config', 'num_captions',
+              'sample', 'top_p', 'top_k', 'num_beams', 'repetition_penalty', 'max_length', 'min_length', 'prompt',
+              'score', 'itm_first_token', 'max_words', 'shard_size')
+
+
+@dataclass
+class CapFiltConfig(CommonConfig):
+    ann_file: list = field(default_factory=list)        # web pairs: JSON lists or JSON lines
+    human_ann_file: list = field(default_factory=list)  # human-annotated pairs, copied to the output
+    image_root: str = ''                                 # prefix of relative image paths (both lists)
+    captioner: str = ''                                  # checkpoint (path or URL) of a BLIP_Decoder
+    filter: str = ''                                     # checkpoint of a BLIP_Retrieval / BLIP_ITM
+    vit: object = 'base'
+    image_size: int = 384
+    num_captions: int = 1            # synthetic captions per image
+    sample: bool = True              # nucleus sampling (paper); False = beam search
+    top_p: float = 0.9
+    top_k: int = 50                  # the original's sampling also had HF's default top-k 50 (reference 5.3)
+    num_beams: int = 3               # beam search only (num_captions <= num_beams)
+    repetition_penalty: float = 1.0  # beam search only; sampling uses the original's fixed 1.1
+    max_length: int = 30
+    min_length: int = 5
+    prompt: str = 'a picture of '
+    threshold: float = 0.5           # keep a caption when its score >= threshold
+    score: str = 'itm'               # 'itm' (softmax match probability) or 'itc' (cosine similarity)
+    itm_first_token: str = 'enc'     # the token ITM was trained with; 'cls' = the original BLIP_ITM demo
+    keep: str = 'both'               # 'web', 'synthetic' or 'both'
+    batch_size: int = 32
+    shard_size: int = 1024
+    max_words: int = 30              # captions are cleaned with pre_caption(caption, max_words) as in pretraining
+    report_samples: int = 48
+    output_file: str = 'capfilt_annotations.json'  # '.jsonl' writes JSON lines
+
+
+def validate(config: CapFiltConfig, source: str) -> None:
+    """Errors naming the key for values the script cannot use."""
+    choices = [('score', config.score, ('itm', 'itc')), ('keep', config.keep, ('web', 'synthetic', 'both')),
+               ('itm_first_token', config.itm_first_token, FIRST_TOKENS)]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f'{source}: {key} must be one of {allowed}, got {value!r}')
+    if not config.ann_file:
+        raise ConfigError(f'{source}: ann_file must name at least one annotation file')
+    if not config.filter:
+        raise ConfigError(f'{source}: filter must name a retrieval/ITM checkpoint')
+    if config.keep != 'web' and not config.captioner:
+        raise ConfigError(f"{source}: captioner must name a caption checkpoint (or set keep: 'web')")
+    if config.keep != 'web' and config.num_captions < 1:
+        raise ConfigError(f'{source}: num_captions must be >= 1, got {config.num_captions}')
+    if not config.sample and config.num_captions > config.num_beams:
+        raise ConfigError(f'{source}: beam search returns at most num_beams={config.num_beams} captions, '
+                          f'num_captions is {config.num_captions}')
+    if config.score == 'itm' and not 0.0 <= config.threshold <= 1.0:
+        raise ConfigError(f'{source}: threshold must be in [0, 1] for ITM scores, got {config.threshold}')
+    if config.shard_size < 1 or config.batch_size < 1:
+        raise ConfigError(f'{source}: shard_size and batch_size must be >= 1')
+    if config.amp not in ('', *AMP_DTYPES):
+        raise ConfigError(f"{source}: amp must be one of {sorted(AMP_DTYPES)} or '', got {config.amp!r}")
+
+
+def captions_per_image(config: CapFiltConfig) -> int:
+    """Synthetic captions generated per image (none when only web captions are kept)."""
+    return 0 if config.keep == 'web' else config.num_captions
+
+
+def fingerprint(config: CapFiltConfig, seed: int) -> str:
+    """Hash of everything that determines the shards (threshold and keep only act at the merge)."""
+    values = {k: getattr(config, k) for k in SHARD_KEYS}
+    values.update(num_captions=captions_per_image(config), seed=seed)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def image_path(entry: dict) -> str:
+    return entry['image'] if 'image' in entry else entry['url']
+
+
+class ShardImages(Dataset):
+    """The images of one shard: ``(index, image or None, error or None)``; a bad image is not fatal."""
+
+    def __init__(self, entries: Sequence[dict], indices: Sequence[int], image_root: str, transform):
+        self.entries, self.indices, self.image_root, self.transform = entries, list(indices), image_root, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        path = image_path(self.entries[index])
+        try:
+            if path.startswith(('http://', 'https://')):
+                raise ValueError('remote URL: download the images first and point the entries at local files')
+            with Image.open(join_root(self.image_root, path.removeprefix('file://'))) as im:
+                image = self.transform(im.convert('RGB'))
+            return index, image, None
+        except Exception as e:  # any read/decode failure: name the file, keep going
+            return index, None, f'{path}: {type(e).__name__}: {e}'
+
+
+def collate_shard(batch):
+    good = [(i, im) for i, im, _ in batch if im is not None]
+    bad = [(i, err) for i, _, err in batch if err is not None]
+    images = torch.stack([im for _, im in good]) if good else None
+    return [i for i, _ in good], images, bad
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+@torch.no_grad()
+def match_scores(filter_model, image_embeds: torch.Tensor, captions: list[str], rows_per_image: int,
+                 config: CapFiltConfig) -> torch.Tensor:
+    """Score ``rows_per_image`` consecutive captions per image.
+
+    Args:
+        image_embeds: [B, N, D] ViT tokens of the filter.
+        captions: B * rows_per_image strings, grouped per image.
+
+    Returns:
+        [B * rows_per_image] fp32: ITM match probability (softmax[:, 1]) or ITC cosine similarity.
+    """
+    tok = filter_model.tokenizer
+    # max_length 35 as BLIP_ITM / retrieval; padding to the longest caption gives the same scores, faster
+    text = tok(captions, padding='longest', truncation=True, max_length=35, return_tensors='pt').to(image_embeds.device)
+    if config.score == 'itc':
+        text_out = filter_model.text_encoder(text.input_ids, attention_mask=text.attention_mask, mode='text')
+        text_feat = F.normalize(filter_model.text_proj(text_out.last_hidden_state[:, 0]).float(), dim=-1)
+        image_feat = F.normalize(filter_model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+        return (image_feat.repeat_interleave(rows_per_image, 0) * text_feat).sum(-1)
+    ids = text.input_ids
+    if config.itm_first_token == 'enc':
+        ids = ids.clone()
+        ids[:, 0] = tok.enc_token_id
+    # text row j attends to image j // rows_per_image: each image's cross-attention K/V computed once
+    out = filter_model.text_encoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+                                    mode='multimodal')
+    return filter_model.itm_head(out.last_hidden_state[:, 0]).float().softmax(-1)[:, 1]
+
+
+@torch.no_grad()
+def process_batch(captioner, filter_model, images: torch.Tensor, web_captions: list[str], config: CapFiltConfig,
+                  amp_dtype) -> list[dict]:
+    """Caption and score one batch.
+
+    Returns:
+        Per image ``{'w': web score, 's': [[synthetic caption, score], ...]}``.
+    """
+    n = captions_per_image(config)
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        synthetic = []
+        if n:
+            synthetic = captioner.generate(images, sample=config.sample, num_beams=config.num_beams,
+                                           max_length=config.max_length, min_length=config.min_length,
+                                           top_p=config.top_p, top_k=config.top_k,
+                                           repetition_penalty=config.repetition_penalty,
+                                           num_return_sequences=n, prompt=config.prompt)
+            synthetic = [pre_caption(c, config.max_words) for c in synthetic]
+        candidates = []
+        for i, web in enumerate(web_captions):
+            candidates += [web] + synthetic[i * n:(i + 1) * n]
+        image_embeds = filter_model.visual_encoder(images)
+        scores = match_scores(filter_model, image_embeds, candidates, n + 1, config).tolist()
+    return [{'w': scores[i * (n + 1)],
+             's': [[c, s] for c, s in zip(synthetic[i * n:(i + 1) * n], scores[i * (n + 1) + 1:(i + 1) * (n + 1)])]}
+            for i in range(len(web_captions))]
+
+
+def build_models(config: CapFiltConfig, device: torch.device):
+    common = dict(image_size=config.image_size, vit=config.vit, med_config=config.med_config)
+    captioner = None
+    if captions_per_image(config):
+        captioner = blip_decoder(pretrained=config.captioner, prompt=config.prompt, **common).to(device).eval()
+    filter_model = blip_itm(pretrained=config.filter, itm_first_token=config.itm_first_token, **common)
+    return captioner, filter_model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+def shard_dir(output_dir: Path) -> Path:
+    return output_dir / 'shards'
+
+
+def shard_path(output_dir: Path, shard: int) -> Path:
+    return shard_dir(output_dir) / f'shard_{shard:06d}.json'
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through ``write(file)`` into a temporary file, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, lambda f: json.dump(obj, f))
+
+
+def check_manifest(output_dir: Path, manifest: dict) -> None:
+    """Record what the shards are made from; refuse to mix shards of another config or data."""
+    path = shard_dir(output_dir) / 'manifest.json'
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != manifest:
+            raise RuntimeError(f'{path} was written by a run with other data or settings ({found} vs {manifest}); '
+                               f'use a new --output_dir, or delete {shard_dir(output_dir)} to start over')
+        return
+    write_json_atomic(path, manifest)
+
+
+def run_shard(shard: int, indices: list[int], entries, captioner, filter_model, transform, config: CapFiltConfig,
+              seed: int, device: torch.device, amp_dtype) -> dict:
+    """Caption and score the images of one shard; returns its record (scores, bad images, time)."""
+    start = time.time()
+    torch.manual_seed(seed + shard)  # sampling depends on the shard only, not on the rank or on resumes
+    loader = DataLoader(ShardImages(entries, indices, config.image_root, transform), batch_size=config.batch_size,
+                        num_workers=config.num_workers, collate_fn=collate_shard, pin_memory=device.type == 'cuda')
+    records, bad = [], []
+    for batch_indices, images, batch_bad in loader:
+        bad += [{'index': i, 'error': e} for i, e in batch_bad]
+        if not batch_indices:
+            continue
+        web = [pre_caption(entries[i]['caption'], config.max_words) for i in batch_indices]
+        results = process_batch(captioner, filter_model, images.to(device, non_blocking=True), web, config, amp_dtype)
+        records += [{'i': i, **r} for i, r in zip(batch_indices, results)]
+    return {'shard': shard, 'records': records, 'bad': bad, 'images': len(indices), 'seconds': time.time() - start}
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+def kept_captions(entry: dict, record: dict, config: CapFiltConfig) -> list[tuple[str, str]]:
+    """``(caption, 'web' | 'synthetic')`` kept for one image; the web caption as written, duplicates dropped."""
+    captions = []
+    if config.keep in ('web', 'both') and record['w'] >= config.threshold:
+        captions.append((entry['caption'], 'web'))
+    if config.keep in ('synthetic', 'both'):
+        captions += [(c, 'synthetic') for c, s in record['s'] if s >= config.threshold]
+    seen, unique = set(), []
+    for c, kind in captions:
+        norm = pre_caption(c, config.max_words)
+        if norm not in seen:
+            seen.add(norm)
+            unique.append((c, kind))
+    return unique
+
+
+class Histogram:
+    """Fixed-bin score histogram, filled incrementally."""
+
+    def __init__(self, lo: float, hi: float, bins: int = HIST_BINS):
+        self.lo, self.hi, self.counts = lo, hi, [0] * bins
+
+    def add(self, value: float) -> None:
+        b = int((value - self.lo) / (self.hi - self.lo) * len(self.counts))
+        self.counts[min(max(b, 0), len(self.counts) - 1)] += 1
+
+    def to_dict(self) -> dict:
+        n = len(self.counts)
+        return {'edges': [round(self.lo + (self.hi - self.lo) * i / n, 6) for i in range(n + 1)], 'counts': self.counts}
+
+
+class PairWriter:
+    """Streams pretraining pairs into a JSON list (``.json``) or JSON lines (``.jsonl``)."""
+
+    def __init__(self, f, jsonl: bool):
+        self.f, self.jsonl, self.count = f, jsonl, 0
+        if not jsonl:
+            f.write('[')
+
+    def add(self, key: str, path: str, caption: str) -> None:
+        text = json.dumps({key: path, 'caption': caption}, ensure_ascii=False)
+        if self.jsonl:
+            self.f.write(text + '\n')
+        else:
+            self.f.write(('\n' if self.count == 0 else ',\n') + text)
+        self.count += 1
+
+    def close(self) -> None:
+        if not self.jsonl:
+            self.f.write('\n]\n')
+
+
+def report_indices(num_entries: int, samples: int) -> set[int]:
+    """Evenly spread image indices for the HTML report (deterministic)."""
+    if samples <= 0 or num_entries == 0:
+        return set()
+    step = max(1, num_entries // samples)
+    return set(range(0, num_entries, step)[:samples])
+
+
+def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], human: Sequence[dict],
+                 config: CapFiltConfig) -> dict:
+    """Stream the shards in order into the annotation file (kept web/synthetic pairs, then human pairs).
+
+    Writes ``config.output_file``, the summary and the HTML report; returns the summary. Memory stays
+    bounded by one shard plus the report samples.
+    """
+    lo, hi = (0.0, 1.0) if config.score == 'itm' else (-1.0, 1.0)
+    hist = {name: Histogram(lo, hi) for name in ('web', 'synthetic')}
+    counts = dict.fromkeys(('images', 'web_kept', 'web_removed', 'synthetic_kept', 'synthetic_removed',
+                            'web_pairs_out', 'synthetic_pairs_out', 'human_pairs'), 0)
+    bad, samples, seconds, shard_images = [], [], 0.0, 0
+    wanted = report_indices(len(entries), config.report_samples)
+
+    def write(f) -> None:
+        nonlocal seconds, shard_images
+        writer = PairWriter(f, config.output_file.endswith('.jsonl'))
+        for shard in range(num_shards):
+            with open(shard_path(output_dir, shard), encoding='utf-8') as sf:
+                rec = json.load(sf)
+            bad.extend(rec['bad'])
+            seconds += rec['seconds']
+            shard_images += rec['images']
+            for r in rec['records']:
+                entry = entries[r['i']]
+                counts['images'] += 1
+                web_ok = r['w'] >= config.threshold
+                counts['web_kept' if web_ok else 'web_removed'] += 1
+                hist['web'].add(r['w'])
+                for _, s in r['s']:
+                    counts['synthetic_kept' if s >= config.threshold else 'synthetic_removed'] += 1
+                    hist['synthetic'].add(s)
+                key = 'image' if 'image' in entry else 'url'
+                for c, kind in kept_captions(entry, r, config):
+                    writer.add(key, entry[key], c)
+                    counts[f'{kind}_pairs_out'] += 1
+                if r['i'] in wanted:
+                    samples.append((entry, r))
+        for h in range(len(human)):
+            entry = human[h]
+            key = 'image' if 'image' in entry else 'url'
+            writer.add(key, entry[key], entry['caption'])
+            counts['human_pairs'] += 1
+        writer.close()
+
+    write_atomic(output_dir / config.output_file, write)
+    summary = {
+        'images_seen': counts['images'] + len(bad), 'images_processed': counts['images'], 'bad_images': len(bad),
+        'bad_image_errors': bad[:100], 'score': config.score, 'threshold': config.threshold, 'keep': config.keep,
+        'num_captions': captions_per_image(config),
+        'web_kept': counts['web_kept'], 'web_removed': counts['web_removed'],
+        'synthetic_kept': counts['synthetic_kept'], 'synthetic_removed': counts['synthetic_removed'],
+        'web_pairs_out': counts['web_pairs_out'], 'synthetic_pairs_out': counts['synthetic_pairs_out'],
+        'human_pairs': counts['human_pairs'],
+        'output_pairs': counts['web_pairs_out'] + counts['synthetic_pairs_out'] + counts['human_pairs'],
+        'output_file': str(output_dir / config.output_file),
+        'web_score_histogram': hist['web'].to_dict(), 'synthetic_score_histogram': hist['synthetic'].to_dict(),
+        'images_per_s_per_process': shard_images / seconds if seconds > 0 else None,
+    }
+    write_html_report(output_dir / REPORT_FILE, samples, config)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def thumbnail_data_uri(path: str, size: int = 160) -> str:
+    """The image as an embedded JPEG thumbnail; '' when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert('RGB')
+            im.thumbnail((size, size))
+            if max(im.size) < size // 2:  # toy images are tiny: enlarge for viewing
+                scale = size // max(im.size)
+                im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+            buf = io.BytesIO()
+            im.save(buf, format='JPEG', quality=85)
+        return 'data:image/jpeg;base64,' + base64.b64encode(buf.getvalue()).decode('ascii')
+    except Exception:
+        return ''
+
+
+def caption_line(kind: str, caption: str, score: float, threshold: float) -> str:
+    status = 'kept' if score >= threshold else 'removed'
+    return (f'<li class="{status}"><span class="tag">{kind}, {status}, {score:.3f}</span> '
+            f'{html.escape(caption)}</li>')
+
+
+def write_html_report(path: Path, samples: list[tuple[dict, dict]], config: CapFiltConfig) -> None:
+    """A page like the paper's Figure 4: each image with its web caption and synthetic captions."""
+    rows = []
+    for entry, r in samples:
+        src = thumbnail_data_uri(join_root(config.image_root, image_path(entry).removeprefix('file://')))
+        img = (f'<img src="{src}" alt="{html.escape(image_path(entry))}">' if src
+               else f'<span class="missing">{html.escape(image_path(entry))} (unreadable)</span>')
+        lines = [caption_line('web', entry['caption'], r['w'], config.threshold)]
+        lines += [caption_line('synthetic', c, s, config.threshold) for c, s in r['s']]
+        rows.append(f'<tr><td>{img}</td><td><ul>{"".join(lines)}</ul></td></tr>')
+    score_name = 'ITM match probability' if config.score == 'itm' else 'ITC cosine similarity'
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>CapFilt report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+td {{ vertical-align: top; padding: 6px; border-bottom: 1px solid #ddd; }}
+ul {{ list-style: none; padding-left: 0; margin: 0; }}
+.kept {{ color: #1a7f37; }}
+.removed {{ color: #b42318; text-decoration: line-through; }}
+.tag {{ font-size: 80%; color: #555; text-decoration: none; display: inline-block; min-width: 14em; }}
+</style>
+</head>
+<body>
+<h1>CapFilt: captioner and filter</h1>
+<p>Score: {html.escape(score_name)}; threshold {config.threshold}; keep: {html.escape(config.keep)};
+{len(samples)} sampled images. Green captions are kept, red (struck through) ones removed.</p>
+<table>
+{chr(10).join(rows)}
+</table>
+</body>
+</html>
+"""
+    write_atomic(path, lambda f: f.write(page))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def wait_for_shards(output_dir: Path, num_shards: int, poll_s: float = 5.0) -> None:
+    """Rank 0 waits for the other ranks' shard files (no collective: no timeout on long runs)."""
+    announced = False
+    while True:
+        missing = [s for s in range(num_shards) if not shard_path(output_dir, s).exists()]
+        if not missing:
+            return
+        if not announced:
+            print(f'waiting for {len(missing)} shard(s) of other ranks, e.g. {missing[:5]}', flush=True)
+            announced = True
+        time.sleep(poll_s)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, CapFiltConfig, args.options)
+    validate(config, args.config)
+    env = read_dist_env()
+    if env and env['world_size'] > 1 and not args.distributed:
+        raise RuntimeError('launched with WORLD_SIZE>1 but --distributed False: drop one or the other')
+    rank, world = (env['rank'], env['world_size']) if env else (0, 1)
+    device = resolve_device(args.device)
+    amp_dtype = AMP_DTYPES[config.amp or ('bf16' if device.type == 'cuda' else 'none')]
+    output_dir = Path(args.output_dir)
+    if rank == 0:
+        save_config(config, output_dir)
+
+    if config.toy_root:
+        from data.toy import ensure_toy_dataset  # file-locked: concurrent ranks wait for the first
+        ensure_toy_dataset(config.toy_root, exact=False)
+    start = time.time()
+    entries = load_annotation_index(config.ann_file)
+    num_shards = (len(entries) + config.shard_size - 1) // config.shard_size
+    check_manifest(output_dir, {'fingerprint': fingerprint(config, args.seed), 'entries': len(entries),
+                                'shard_size': config.shard_size, 'num_shards': num_shards})
+    missing_at_start = [s for s in range(num_shards) if not shard_path(output_dir, s).exists()]
+    todo = [s for s in missing_at_start if s % world == rank]
+    print(f'[rank {rank}/{world}] {len(entries)} web entries in {num_shards} shards; '
+          f'{num_shards - len(missing_at_start)} done, {len(todo)} to do here', flush=True)
+    if todo:
+        captioner, filter_model = build_models(config, device)
+        _, transform = create_transforms(config.image_size)
+        done = 0
+        for k, shard in enumerate(todo):
+            lo, hi = shard * config.shard_size, min(len(entries), (shard + 1) * config.shard_size)
+            record = run_shard(shard, list(range(lo, hi)), entries, captioner, filter_model, transform, config,
+                               args.seed, device, amp_dtype)
+            write_json_atomic(shard_path(output_dir, shard), record)
+            done += hi - lo
+            print(f'[rank {rank}] shard {shard} ({k + 1}/{len(todo)}) done, {len(record["bad"])} bad images, '
+                  f'{done / (time.time() - start):.1f} images/s', flush=True)
+    if rank != 0:
+        return {}
+    wait_for_shards(output_dir, num_shards)
+    human = load_annotation_index(config.human_ann_file) if config.human_ann_file else []
+    summary = merge_shards(output_dir, num_shards, entries, human, config)
+    new_images = sum(min(len(entries), (s + 1) * config.shard_size) - s * config.shard_size for s in missing_at_start)
+    wall = time.time() - start
+    summary.update(world_size=world, wall_seconds=wall, images_this_run=new_images,
+                   images_per_s=new_images / wall if new_images else None)
+    write_json_atomic(output_dir / SUMMARY_FILE, summary)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}), flush=True)
+    return summary
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,367 @@
+"""CapFilt (capfilt.py) with tiny real models: filtering logic, keep modes, shards and resume (also after
+SIGKILL), rank-count independence, output readable by pretraining, the HTML report, bad images, config
+errors; and noise removal on toy data by a tiny filter trained here, measured against the known truth."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import capfilt
+from engine.config import ConfigError
+from models.blip import BLIP_Decoder
+from models.blip_itm import BLIP_ITM
+from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS = [(220, 30, 30), (30, 170, 40), (30, 60, 220), (235, 200, 20)]
+WEB_CAPTIONS = ['a red circle', 'a green square on the left', 'two blue triangles', 'a yellow circle at the top',
+                'a <b>bold</b> & "quoted" caption', 'the square in the center is red']
+N_WEB = 12
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait for a core
+    another process holds make every small op ~100x slower; one thread keeps the file fast on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(''.join(f'{k}: {json.dumps(v)}\n' for k, v in data.items()))  # JSON values are valid YAML
+    return path
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory) -> dict:
+    """Tiny images, web and human annotation files, tiny captioner and filter checkpoints, a config."""
+    root = tmp_path_factory.mktemp('capfilt')
+    images = root / 'images'
+    (images / 'web').mkdir(parents=True)
+    web = []
+    for i in range(N_WEB):
+        Image.new('RGB', (40, 40), COLOURS[i % 4]).save(images / 'web' / f'{i}.jpg')
+        web.append({'image': f'web/{i}.jpg', 'caption': WEB_CAPTIONS[i % len(WEB_CAPTIONS)]})
+    (images / 'web' / 'corrupt.jpg').write_bytes(b'this is not a jpeg')
+    web.insert(5, {'image': 'web/corrupt.jpg', 'caption': 'a picture that cannot be read'})
+    human = [{'image': f'web/{i}.jpg', 'caption': f'human caption {i}', 'image_id': str(i)} for i in range(3)]
+    (root / 'web.json').write_text(json.dumps(web))
+    (root / 'human.json').write_text(json.dumps(human))
+    med = json.loads((ROOT / 'configs' / 'med_config.json').read_text())
+    med.update(TINY_MED)
+    (root / 'med.json').write_text(json.dumps(med))
+    kw = dict(med_config=str(root / 'med.json'), image_size=TINY_IMAGE, vit=dict(TINY_VIT))
+    torch.manual_seed(0)
+    torch.save({'model': BLIP_Decoder(**kw).state_dict()}, root / 'captioner.pth')
+    torch.save({'model': BLIP_ITM(**kw).state_dict()}, root / 'filter.pth')
+    config = write_yaml(root / 'capfilt.yaml', {
+        'ann_file': [str(root / 'web.json')], 'human_ann_file': [str(root / 'human.json')],
+        'image_root': str(images), 'captioner': str(root / 'captioner.pth'), 'filter': str(root / 'filter.pth'),
+        'med_config': str(root / 'med.json'), 'vit': dict(TINY_VIT), 'image_size': TINY_IMAGE,
+        'num_captions': 2, 'max_length': 12, 'min_length': 5, 'batch_size': 4, 'shard_size': 4,
+        'num_workers': 0, 'report_samples': 6})
+    return {'root': root, 'config': config, 'web': web, 'human': human, 'images': images}
+
+
+def run_capfilt(setup: dict, out: Path, *options: str) -> dict:
+    return capfilt.main(['--config', str(setup['config']), '--output_dir', str(out), '--device', 'cpu',
+                         '--options', *options])
+
+
+def read_output(out: Path) -> list[dict]:
+    return json.loads((out / 'capfilt_annotations.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def full_run(setup, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted run with threshold 0: every caption kept."""
+    out = tmp_path_factory.mktemp('full')
+    return out, run_capfilt(setup, out, 'threshold=0.0')
+
+
+def test_threshold_zero_keeps_everything(setup, full_run):
+    out, summary = full_run
+    n_good = N_WEB
+    assert summary['images_seen'] == n_good + 1 and summary['images_processed'] == n_good
+    assert summary['web_kept'] == n_good and summary['web_removed'] == 0
+    assert summary['synthetic_kept'] == 2 * n_good and summary['synthetic_removed'] == 0
+    pairs = read_output(out)
+    assert len(pairs) == summary['output_pairs'] == summary['web_pairs_out'] + summary['synthetic_pairs_out'] + 3
+    web_pairs = {(e['image'], e['caption']) for e in setup['web'] if 'corrupt' not in e['image']}
+    assert web_pairs <= {(p['image'], p['caption']) for p in pairs}
+    assert pairs[-3:] == [{'image': h['image'], 'caption': h['caption']} for h in setup['human']]
+    assert all(set(p) == {'image', 'caption'} for p in pairs)
+    for name in ('web_score_histogram', 'synthetic_score_histogram'):
+        assert sum(summary[name]['counts']) == summary[name.split('_')[0] + '_kept']
+    assert summary['images_per_s'] > 0
+
+
+def test_bad_image_counted_not_fatal(full_run):
+    out, summary = full_run
+    assert summary['bad_images'] == 1
+    assert 'corrupt.jpg' in summary['bad_image_errors'][0]['error']
+    assert all('corrupt' not in p['image'] for p in read_output(out))
+    saved = json.loads((out / 'capfilt_summary.json').read_text())
+    assert saved['bad_images'] == 1 and saved['web_kept'] == summary['web_kept']
+
+
+def test_threshold_one_removes_everything_and_remerges_without_models(setup, full_run, tmp_path, monkeypatch):
+    out, _ = full_run
+    copy = tmp_path / 'out'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    # finished shards hold scores, so a new threshold needs no model at all
+    monkeypatch.setattr(capfilt, 'build_models', lambda *a: pytest.fail('models rebuilt for a re-merge'))
+    summary = run_capfilt(setup, copy, 'threshold=1.0')
+    assert summary['web_kept'] == 0 and summary['synthetic_kept'] == 0
+    assert summary['web_removed'] == N_WEB and summary['synthetic_removed'] == 2 * N_WEB
+    assert read_output(copy) == [{'image': h['image'], 'caption': h['caption']} for h in setup['human']]
+
+
+def test_threshold_splits_by_score(setup, full_run, tmp_path):
+    out, _ = full_run
+    scores = sorted(r['w'] for f in sorted((out / 'shards').glob('shard_*.json'))
+                    for r in json.loads(f.read_text())['records'])
+    threshold = (scores[3] + scores[4]) / 2  # 4 web captions below, 8 above
+    copy = tmp_path / 'out'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    summary = run_capfilt(setup, copy, f'threshold={threshold}', 'keep=both')
+    assert summary['web_kept'] == N_WEB - 4 and summary['web_removed'] == 4
+
+
+def test_keep_web_has_no_synthetic_captions(setup, tmp_path):
+    summary = run_capfilt(setup, tmp_path, 'threshold=0.0', 'keep=web', 'captioner=')
+    assert summary['num_captions'] == 0 and summary['synthetic_kept'] + summary['synthetic_removed'] == 0
+    web_captions = {e['caption'] for e in setup['web']}
+    pairs = read_output(tmp_path)
+    assert len(pairs) == N_WEB + 3
+    assert all(p['caption'] in web_captions for p in pairs[:-3])
+
+
+def test_keep_synthetic_drops_web_captions(setup, full_run, tmp_path):
+    out, full = full_run
+    copy = tmp_path / 'out'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    summary = run_capfilt(setup, copy, 'threshold=0.0', 'keep=synthetic')
+    pairs = read_output(copy)[:-3]
+    assert summary['web_pairs_out'] == 0 and len(pairs) == summary['synthetic_pairs_out'] > 0
+    full_synthetic = [p for p in read_output(out)[:-3] if p['caption'] not in {e['caption'] for e in setup['web']}]
+    assert pairs == full_synthetic
+
+
+def test_changed_generation_settings_refuse_old_shards(setup, full_run, tmp_path):
+    out, _ = full_run
+    copy = tmp_path / 'out'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RuntimeError, match='other data or settings'):
+        run_capfilt(setup, copy, 'threshold=0.0', 'num_captions=3')
+
+
+def test_resume_after_lost_shards_and_other_world_size_give_identical_output(setup, full_run, tmp_path, monkeypatch):
+    out, _ = full_run
+    reference = (out / 'capfilt_annotations.json').read_bytes()
+    assert len(list((out / 'shards').glob('shard_*.json'))) == 4  # 13 entries, shard_size 4
+    # an interrupted run: shards 1 and 3 never written; the resumed run redoes exactly those
+    copy = tmp_path / 'resumed'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        if f.name not in ('shard_000001.json', 'shard_000003.json'):
+            (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    before = (copy / 'shards' / 'shard_000000.json').stat().st_mtime_ns
+    summary = run_capfilt(setup, copy, 'threshold=0.0')
+    assert summary['images_this_run'] == 5
+    assert (copy / 'shards' / 'shard_000000.json').stat().st_mtime_ns == before
+    assert (copy / 'capfilt_annotations.json').read_bytes() == reference
+    # two ranks (rank 1 first, then rank 0, which merges): the same bytes
+    two = tmp_path / 'two_ranks'
+    for rank in (1, 0):
+        monkeypatch.setenv('RANK', str(rank))
+        monkeypatch.setenv('WORLD_SIZE', '2')
+        result = run_capfilt(setup, two, 'threshold=0.0')
+        assert (result == {}) == (rank == 1)
+    assert (two / 'capfilt_annotations.json').read_bytes() == reference
+
+
+def test_sigkill_mid_run_then_resume_is_identical(setup, full_run, tmp_path):
+    """A real kill: the child sleeps after each shard so that the kill lands between shards 0 and 3."""
+    out, _ = full_run
+    killed = tmp_path / 'killed'
+    child = (
+        'import sys, time, capfilt\n'
+        'write = capfilt.write_json_atomic\n'
+        'def slow(path, obj):\n'
+        '    write(path, obj)\n'
+        '    if "shard_0" in str(path): time.sleep(30)\n'
+        'capfilt.write_json_atomic = slow\n'
+        'capfilt.main(sys.argv[1:])\n')
+    cmd = [sys.executable, '-c', child, '--config', str(setup['config']), '--output_dir', str(killed),
+           '--device', 'cpu', '--options', 'threshold=0.0']
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (killed / 'shards' / 'shard_000000.json').exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, 'no shard written within 60 s'
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (killed / 'shards').glob('shard_*.json')) == ['shard_000000.json']
+    assert not (killed / 'capfilt_annotations.json').exists()
+    summary = run_capfilt(setup, killed, 'threshold=0.0')
+    assert summary['images_this_run'] == 9  # shards 1-3 (4 + 4 + 1 entries)
+    assert (killed / 'capfilt_annotations.json').read_bytes() == (out / 'capfilt_annotations.json').read_bytes()
+
+
+def test_output_is_read_by_pretrain_dataset(setup, full_run):
+    from data.pretrain_dataset import pretrain_dataset
+    from transform import create_transforms
+    out, summary = full_run
+    train_transform, _ = create_transforms(TINY_IMAGE)
+    ds = pretrain_dataset([str(out / 'capfilt_annotations.json')], '', train_transform,
+                          image_root=str(setup['images']))
+    assert len(ds) == summary['output_pairs']
+    image, caption = ds[0]
+    assert image.shape == (3, TINY_IMAGE, TINY_IMAGE) and isinstance(caption, str)
+    image, caption = ds[len(ds) - 1]
+    assert caption == 'human caption 2'
+
+
+class TagChecker(HTMLParser):
+    VOID = {'img', 'meta', 'br', 'link', 'hr', 'input'}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.errors, self.text, self.tags = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f'unbalanced </{tag}> with open {self.stack}')
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_report_well_formed_and_escaped(full_run):
+    out, _ = full_run
+    page = (out / 'capfilt_report.html').read_text()
+    checker = TagChecker()
+    checker.feed(page)
+    checker.close()
+    assert not checker.errors and not checker.stack
+    assert 'b' not in checker.tags  # the caption's <b> is text, not markup
+    text = ''.join(checker.text)
+    assert 'a <b>bold</b> & "quoted" caption' in text
+    assert '&lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot;' in page
+    assert page.count('<img src="data:image/jpeg;base64,') == 6  # report_samples
+    assert 'kept' in text and 'synthetic' in text and 'web' in text
+
+
+def test_unknown_config_key_errors_naming_it(setup, tmp_path):
+    with pytest.raises(ConfigError, match='no_such_key'):
+        run_capfilt(setup, tmp_path, 'no_such_key=1')
+    with pytest.raises(ConfigError, match='keep'):
+        run_capfilt(setup, tmp_path, 'keep=everything')
+
+
+def test_shipped_configs_load():
+    for path in ('configs/capfilt.yaml', 'configs/toy/capfilt.yaml'):
+        config = capfilt.load_config(ROOT / path, capfilt.CapFiltConfig)
+        capfilt.validate(config, path)
+        assert config.threshold == 0.5 and config.score == 'itm' and config.top_p == 0.9
+
+
+# ------------------------------------------------------------------------------------- noise removal
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('BLIP_SLOW_TESTS') != '1', reason='trains a filter for minutes: BLIP_SLOW_TESTS=1')
+def test_trained_tiny_filter_removes_toy_noise(tmp_path):
+    """Precision/recall of noise removal by a tiny BLIP retrieval model trained here (ITC+ITM).
+
+    The toy web set replaces 30% of the captions by another image's caption (truth known). A filter
+    that knew nothing would remove pairs at random: precision 0.3 (the noise rate), recall equal to
+    the fraction removed. The test asks for precision >= 0.5 and recall >= 0.5 at the paper's threshold.
+
+    Too slow for the default run: measured on 2 busy CPU cores, 500 steps (batch 32, 64 px, tiny sizes)
+    take 144 s and still give a chance-level filter (ITM loss 0.62, precision 0.28 / recall 0.72 at 0.5);
+    600 steps at 32 px (40 s) learn nothing. STEPS below is a guess at what learns, not yet verified.
+    """
+    from data.toy import ensure_toy_dataset
+    from models.blip_retrieval import blip_retrieval
+    from transform import create_transforms
+
+    image_size = 64
+    toy = ensure_toy_dataset(tmp_path / 'toy', n_train=160, n_val=2, n_test=2, n_web=60, n_videos=2,
+                             video_frames=2)
+    ann = toy / 'annotation'
+    train = json.loads((ann / 'coco_karpathy_train.json').read_text())
+    med = json.loads((ROOT / 'configs' / 'med_config.json').read_text())
+    med.update(TINY_MED)
+    (tmp_path / 'med.json').write_text(json.dumps(med))
+    kw = dict(med_config=str(tmp_path / 'med.json'), image_size=image_size, vit=dict(TINY_VIT))
+    torch.manual_seed(0)
+    model = blip_retrieval(queue_size=64, negative_all_rank=False, **kw)
+    _, transform = create_transforms(image_size)
+    names = sorted({e['image'] for e in train})
+    pixels = {n: transform(Image.open(toy / 'images' / n).convert('RGB')) for n in names}
+    image_idx = {n: i for i, n in enumerate(names)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(STEPS):
+        batch = [train[i] for i in torch.randperm(len(train), generator=gen)[:32].tolist()]
+        image = torch.stack([pixels[e['image']] for e in batch])
+        idx = torch.tensor([image_idx[e['image']] for e in batch])
+        loss_ita, loss_itm = model(image, [e['caption'] for e in batch], alpha=0.4, idx=idx)
+        optimizer.zero_grad()
+        (loss_ita + loss_itm).backward()
+        optimizer.step()
+    torch.save({'model': model.state_dict()}, tmp_path / 'filter.pth')
+
+    config = write_yaml(tmp_path / 'capfilt.yaml', {
+        'ann_file': [str(ann / 'pretrain_noisy.json')], 'image_root': str(toy / 'images'),
+        'filter': str(tmp_path / 'filter.pth'), 'med_config': str(tmp_path / 'med.json'), 'vit': dict(TINY_VIT),
+        'image_size': image_size, 'keep': 'web', 'batch_size': 32, 'shard_size': 32, 'num_workers': 0})
+    out = tmp_path / 'out'
+    capfilt.main(['--config', str(config), '--output_dir', str(out), '--device', 'cpu'])
+    noisy = json.loads((ann / 'pretrain_noisy.json').read_text())
+    truth = json.loads((ann / 'pretrain_noisy_truth.json').read_text())
+    kept = {(p['image'], p['caption']) for p in read_output(out)}
+    removed = [(e['image'], e['caption']) not in kept for e in noisy]
+    tp = sum(r and t for r, t in zip(removed, truth))
+    precision, recall = tp / max(1, sum(removed)), tp / sum(truth)
+    print(f'noise removal: precision {precision:.3f} recall {recall:.3f} ({sum(removed)} removed, {sum(truth)} noisy)')
+    assert precision >= 0.5 and recall >= 0.5, (precision, recall)
+
+
+STEPS = 2000

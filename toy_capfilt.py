@@ -1,0 +1,169 @@
+"""Toy proof of CapFilt, offline on a CPU: does bootstrapping clean the noisy toy "web" pairs, and does
+pretraining on the bootstrapped set retrieve better than pretraining on the noisy one?
+
+Steps (each one a subprocess running an existing script; a finished step is reused unless --fresh):
+  a. captioner: ``train_caption.py --config configs/toy/caption.yaml`` on the clean toy COCO pairs;
+  b. filter:    ``train_retrieval.py --config configs/toy/retrieval.yaml`` on the same pairs;
+  c. CapFilt:   ``capfilt.py --config configs/toy/capfilt.yaml`` over ``pretrain_noisy.json``
+                (human file: ``coco_karpathy_train.json``);
+  d. precision/recall of the removal of noisy web pairs against ``pretrain_noisy_truth.json``;
+  e. pretraining (``pretrain.py --config configs/toy/pretrain.yaml``) on (i) human + noisy web pairs and
+     (ii) human + bootstrapped pairs with the same budget: both lists are brought to the same number of
+     pairs (the shorter one repeats its own entries cyclically), so with the same epochs and batch size
+     both runs take the same number of optimizer steps; then zero-shot toy retrieval of both
+     (``train_retrieval.py --evaluate --options pretrained=<checkpoint>``).
+
+Numbers are printed and written to ``<output_dir>/toy_capfilt_results.json``.
+
+    python toy_capfilt.py --output_dir output/toy_capfilt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_step(name: str, cmd: list[str], log: Path, done: Path, fresh: bool, env: dict) -> float:
+    """Run ``cmd`` (logging to ``log``) unless ``done`` exists; returns the seconds it took."""
+    if done.exists() and not fresh:
+        print(f'[{name}] reusing {done}', flush=True)
+        return 0.0
+    print(f'[{name}] {" ".join(cmd)}', flush=True)
+    start = time.time()
+    with open(log, 'w') as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not done.exists():
+        tail = log.read_text(errors='replace').replace('\r', '\n').splitlines()[-30:]
+        raise RuntimeError(f'[{name}] failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))
+    seconds = time.time() - start
+    print(f'[{name}] done in {seconds:.0f} s', flush=True)
+    return seconds
+
+
+def last_json_line(path: Path) -> dict:
+    return json.loads([line for line in path.read_text().splitlines() if line.strip()][-1])
+
+
+def noise_removal(noisy: list[dict], truth: list[bool], kept_pairs: list[dict], bad: set[int]) -> dict:
+    """Precision/recall of removing noisy web pairs (a pair is removed when it is absent from the output)."""
+    kept = {(p.get('image', p.get('url')), p['caption']) for p in kept_pairs}
+    removed = [(e['image'], e['caption']) not in kept for e in noisy]
+    tp = sum(r and t for r, t in zip(removed, truth))
+    n_removed, n_noisy = sum(removed), sum(truth)
+    return {'web_pairs': len(noisy), 'noisy_pairs': n_noisy, 'removed': n_removed, 'removed_noisy': tp,
+            'removed_clean': n_removed - tp, 'unreadable_images': len(bad),
+            'precision': tp / n_removed if n_removed else None, 'recall': tp / n_noisy if n_noisy else None,
+            'chance_precision': n_noisy / len(noisy)}
+
+
+def equal_size(a: list, b: list) -> tuple[list, list]:
+    """Bring both lists to the longer length by repeating the shorter one's entries cyclically."""
+    n = max(len(a), len(b))
+    pad = lambda x: x + [x[i % len(x)] for i in range(n - len(x))]  # noqa: E731
+    return pad(a), pad(b)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--output_dir', default='output/toy_capfilt')
+    parser.add_argument('--toy_root', default='output/toy_data')
+    parser.add_argument('--caption_epochs', type=int, default=1)
+    parser.add_argument('--retrieval_epochs', type=int, default=2)
+    parser.add_argument('--pretrain_epochs', type=int, default=1)
+    parser.add_argument('--num_workers', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=0, help='torch threads per subprocess (0 = torch default)')
+    parser.add_argument('--fresh', action='store_true', help='redo every step even when its output exists')
+    parser.add_argument('--capfilt_options', nargs='*', default=[], help='extra capfilt.py --options')
+    args = parser.parse_args(argv)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    toy = Path(args.toy_root)
+    ann, images = toy / 'annotation', toy / 'images'
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+    if args.threads:
+        env['OMP_NUM_THREADS'] = str(args.threads)
+    py = [sys.executable]
+    common = ['--device', 'cpu']
+    data_opts = [f'toy_root={toy}', f'image_root={images}', f'num_workers={args.num_workers}']
+    seconds = {}
+
+    # a. captioner and b. filter, trained on the clean toy COCO pairs
+    captioner_dir, filter_dir = out / 'captioner', out / 'filter'
+    seconds['captioner'] = run_step('a. captioner', py + ['train_caption.py', '--config', 'configs/toy/caption.yaml',
+                                    '--output_dir', str(captioner_dir), *common, '--options', *data_opts,
+                                    f'ann_root={ann}', f'coco_gt_root={ann}/coco_gt', f'max_epoch={args.caption_epochs}'],
+                                    out / 'captioner.log', captioner_dir / 'checkpoint_best.pth', args.fresh, env)
+    seconds['filter'] = run_step('b. filter', py + ['train_retrieval.py', '--config', 'configs/toy/retrieval.yaml',
+                                 '--output_dir', str(filter_dir), *common, '--options', *data_opts,
+                                 f'ann_root={ann}', f'max_epoch={args.retrieval_epochs}'],
+                                 out / 'filter.log', filter_dir / 'checkpoint_best.pth', args.fresh, env)
+
+    # c. CapFilt over the noisy web pairs
+    capfilt_dir = out / 'capfilt'
+    if args.fresh and capfilt_dir.exists():
+        shutil.rmtree(capfilt_dir)
+    seconds['capfilt'] = run_step('c. capfilt', py + ['capfilt.py', '--config', 'configs/toy/capfilt.yaml',
+                                  '--output_dir', str(capfilt_dir), *common, '--options', *data_opts,
+                                  f'ann_file=[{ann}/pretrain_noisy.json]',
+                                  f'human_ann_file=[{ann}/coco_karpathy_train.json]',
+                                  f'captioner={captioner_dir}/checkpoint_best.pth',
+                                  f'filter={filter_dir}/checkpoint_best.pth', *args.capfilt_options],
+                                  out / 'capfilt.log', capfilt_dir / 'capfilt_summary.json', args.fresh, env)
+    summary = json.loads((capfilt_dir / 'capfilt_summary.json').read_text())
+
+    # d. noise removal against the truth
+    noisy = json.loads((ann / 'pretrain_noisy.json').read_text())
+    truth = json.loads((ann / 'pretrain_noisy_truth.json').read_text())
+    bootstrapped = json.loads((capfilt_dir / 'capfilt_annotations.json').read_text())
+    removal = noise_removal(noisy, truth, bootstrapped, {b['index'] for b in summary['bad_image_errors']})
+    print(f"[d. noise removal] precision {removal['precision']} recall {removal['recall']} "
+          f"(chance precision {removal['chance_precision']:.2f})", flush=True)
+
+    # e. pretraining on noisy vs bootstrapped pairs, same number of pairs and steps, then zero-shot retrieval
+    human = json.loads((ann / 'coco_karpathy_train.json').read_text())
+    noisy_set = [{'image': e['image'], 'caption': e['caption']} for e in human] + noisy
+    noisy_set, boot_set = equal_size(noisy_set, bootstrapped)
+    sets = {'noisy': noisy_set, 'bootstrapped': boot_set}
+    sizes = {'noisy': len(human) + len(noisy), 'bootstrapped': len(bootstrapped), 'trained_pairs': len(noisy_set)}
+    retrieval = {}
+    for name, pairs in sets.items():
+        train_file = out / f'pretrain_{name}.json'
+        train_file.write_text(json.dumps(pairs))
+        pre_dir, eval_dir = out / f'pretrain_{name}', out / f'zeroshot_{name}'
+        seconds[f'pretrain_{name}'] = run_step(
+            f'e. pretrain {name}', py + ['pretrain.py', '--config', 'configs/toy/pretrain.yaml', '--output_dir',
+                                         str(pre_dir), *common, '--options', *data_opts, f'train_file=[{train_file}]',
+                                         f'max_epoch={args.pretrain_epochs}'],
+            out / f'pretrain_{name}.log', pre_dir / 'checkpoint_last.pth', args.fresh, env)
+        seconds[f'zeroshot_{name}'] = run_step(
+            f'e. zero-shot retrieval {name}', py + ['train_retrieval.py', '--config', 'configs/toy/retrieval.yaml',
+                                                    '--output_dir', str(eval_dir), '--evaluate', *common, '--options',
+                                                    *data_opts, f'ann_root={ann}',
+                                                    f'pretrained={pre_dir}/checkpoint_last.pth'],
+            out / f'zeroshot_{name}.log', eval_dir / 'evaluate.txt', args.fresh, env)
+        stats = last_json_line(eval_dir / 'evaluate.txt')
+        steps = last_json_line(pre_dir / 'train_log.jsonl').get('steps')
+        retrieval[name] = {'pretrain_steps_per_epoch': steps, **{k: v for k, v in stats.items() if k.startswith('test_')}}
+
+    results = {'capfilt_summary': {k: v for k, v in summary.items() if not isinstance(v, (list,))},
+               'noise_removal': removal, 'pretrain_sizes': sizes, 'pretrain_epochs': args.pretrain_epochs,
+               'zero_shot_retrieval': retrieval, 'seconds': seconds,
+               'epochs': {'caption': args.caption_epochs, 'retrieval': args.retrieval_epochs}}
+    (out / 'toy_capfilt_results.json').write_text(json.dumps(results, indent=2))
+    print(json.dumps({'noise_removal': removal, 'pretrain_sizes': sizes, 'zero_shot_retrieval': retrieval},
+                     indent=2), flush=True)
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
