@@ -31,7 +31,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2   # 2: NLVR statements balanced per sentence
 IMAGE_SIZE = 64
 KINDS = ('circle', 'square', 'triangle')
 COLOURS = {'red': (220, 30, 30), 'green': (30, 170, 40), 'blue': (30, 60, 220), 'yellow': (235, 200, 20)}
@@ -180,12 +180,19 @@ def _statements(rng: random.Random) -> tuple[str, callable]:
 
 
 def nlvr_entry(scenes: list, names: list[str], rng: random.Random, want: bool) -> dict:
-    """A pair and a statement whose truth is ``want`` (balanced labels by construction)."""
+    """A statement, then a pair for which it is ``want``.
+
+    Choosing the statement first keeps every statement true and false equally often, so the sentence
+    alone predicts nothing and only looking at the images beats 50%. (Version 1 drew pairs and
+    statements together, which made rare-to-be-true statements mostly false: a sentence-only model
+    scored 55-70%.)
+    """
     while True:
-        i, j = rng.sample(range(len(scenes)), 2)
         sentence, truth = _statements(rng)
-        if truth(scenes[i], scenes[j]) == want:
-            return {'images': [names[i], names[j]], 'sentence': sentence, 'label': 'True' if want else 'False'}
+        for _ in range(1000):   # every statement is true and false for some pair; give up on none
+            i, j = rng.sample(range(len(scenes)), 2)
+            if truth(scenes[i], scenes[j]) == want:
+                return {'images': [names[i], names[j]], 'sentence': sentence, 'label': 'True' if want else 'False'}
 
 
 # ------------------------------------------------------------------------------------------------ video
@@ -326,9 +333,10 @@ def generate(root: Path, params: ToyParams) -> None:
     _caption_files(ann, 'flickr30k', splits)
     _coco_gt(ann, splits)
     _vqa_files(ann, splits, rng)
-    _nlvr_files(ann, splits, rng)
     _pretrain_files(ann, splits['web'], rng, params.noise_fraction)
     _video_files(root, params, rng)
+    # own stream, last: a change to the NLVR statements leaves every other file as it was
+    _nlvr_files(ann, splits, random.Random(f'{params.seed}-nlvr'))
 
 
 def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 1000, n_val: int = 100,
@@ -348,7 +356,8 @@ def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 10
         n_videos: number of MSRVTT-style clips.
         video_frames: frames per clip.
         exact: regenerate when the complete dataset in ``root`` was made with other parameters;
-            False accepts any complete toy dataset (what ``create_dataset`` does with ``toy_root``).
+            False accepts any complete toy dataset of this generator version (what ``create_dataset``
+            does with ``toy_root``).
 
     Returns:
         ``Path(root)``.
@@ -362,7 +371,7 @@ def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 10
     with open(root / '.toy_lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = _marker_params(marker)
-        if found is not None and (found == asdict(params) or not exact):
+        if found is not None and (found == asdict(params) or (not exact and found.get('version') == VERSION)):
             return root
         if marker.exists():
             marker.unlink()

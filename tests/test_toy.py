@@ -114,3 +114,27 @@ def test_captions_are_determined_by_the_scene():
         'two shapes, a red circle and a red circle',
         'the circle on the left is red and the circle on the right is red',
     ]
+
+
+def test_nlvr_sentence_alone_predicts_nothing(tmp_path):
+    """Each statement is true and false equally often, so only the images can beat 50% (generator v2)."""
+    from collections import Counter, defaultdict
+    root = ensure_toy_dataset(tmp_path / 'toy', n_train=400, n_val=4, n_test=4, n_web=2, n_videos=1)
+    train = json.loads((root / 'annotation' / 'nlvr_train.json').read_text())
+    labels = defaultdict(Counter)
+    for entry in train:
+        labels[entry['sentence'].split(' a ')[0]][entry['label']] += 1   # per template
+    assert len(labels) >= 5
+    for template, count in labels.items():
+        assert abs(count['True'] - count['False']) <= 0.25 * sum(count.values()) + 3, (template, count)
+
+
+def test_a_toy_dataset_of_an_older_generator_version_is_regenerated(tmp_path):
+    root = ensure_toy_dataset(tmp_path / 't', **SMALL)
+    marker = root / '.toy_complete.json'
+    params = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**params, 'version': params['version'] - 1, 'n_train': 99}))
+    probe = root / 'annotation' / 'nlvr_dev.json'
+    probe.write_text('[]')
+    ensure_toy_dataset(root, exact=False)                   # any size is fine, an old version is not
+    assert probe.read_text() != '[]' and json.loads(marker.read_text())['version'] == params['version']
