@@ -1,6 +1,7 @@
 """CapFilt (capfilt.py) with tiny real models: filtering logic, keep modes, shards and resume (also after
-SIGKILL), rank-count independence, output readable by pretraining, the HTML report, bad images, config
-errors; and noise removal on toy data by a tiny filter trained here, measured against the known truth."""
+SIGKILL), rank-count independence (also under a real 2-process torchrun), output readable by
+pretraining, the HTML report, bad images, config errors. Noise removal on toy data, with a
+captioner and a filter trained there, is in test_learning.py."""
 from __future__ import annotations
 
 import json
@@ -199,6 +200,19 @@ def test_resume_after_lost_shards_and_other_world_size_give_identical_output(set
         result = run_capfilt(setup, two, 'threshold=0.0')
         assert (result == {}) == (rank == 1)
     assert (two / 'capfilt_annotations.json').read_bytes() == reference
+
+
+def test_torchrun_with_two_processes_gives_identical_output(setup, full_run, tmp_path):
+    out, _ = full_run
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'capfilt.py',
+           '--config', str(setup['config']), '--output_dir', str(tmp_path), '--device', 'cpu', '--options',
+           'threshold=0.0']
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / 'capfilt_summary.json').read_text())
+    assert summary['world_size'] == 2
+    assert (tmp_path / 'capfilt_annotations.json').read_bytes() == (out / 'capfilt_annotations.json').read_bytes()
 
 
 def test_sigkill_mid_run_then_resume_is_identical(setup, full_run, tmp_path):
