@@ -134,3 +134,24 @@ def test_blip_decoder_generate_returns_strings_per_image():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('mode', ['beam', 'greedy', 'sample'])
+def test_cuda_graph_decoding_path_gives_the_same_captions(mode, monkeypatch):
+    """``cuda_graph=True`` runs its static decode step (fixed-size cache, additive mask) eagerly off the
+    GPU: the same function as the default path, so the same captions (sampling with the same seed)."""
+    torch.manual_seed(0)
+    model = BLIP_Decoder(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=TINY_VIT).eval()
+    image = torch.randn(3, 3, TINY_IMAGE, TINY_IMAGE)
+    kwargs = {'beam': dict(num_beams=3), 'greedy': dict(num_beams=1),
+              'sample': dict(sample=True, num_return_sequences=2)}[mode]
+    from models import generation
+    built, graphed = [], generation._GraphedDecoder
+    monkeypatch.setattr(generation, '_GraphedDecoder', type('Counted', (graphed,), {
+        '__init__': lambda self, *a, **k: (built.append(1), graphed.__init__(self, *a, **k))[1]}))
+    captions = []
+    for graph in (False, True):
+        torch.manual_seed(1)
+        captions.append(model.generate(image, max_length=12, min_length=4, cuda_graph=graph, **kwargs))
+    assert built == [1]   # the static path ran, once
+    assert captions[0] == captions[1] and len(captions[0]) == 3 * kwargs.get('num_return_sequences', 1)
