@@ -22,8 +22,6 @@ sys.path.insert(0, str(ROOT))
 
 SCRIPTS = {'retrieval': 'train_retrieval', 'vqa': 'train_vqa', 'nlvr': 'train_nlvr', 'caption': 'train_caption',
            'pretrain': 'pretrain'}
-ROOT_KEYS = {'retrieval': ('image_root', 'images'), 'vqa': ('vqa_root', 'images'), 'nlvr': ('image_root', 'images'),
-             'caption': ('image_root', 'images'), 'pretrain': ('image_root', 'images')}
 
 
 def med_config_with(overrides: dict, path: Path) -> Path:
@@ -38,8 +36,8 @@ def run_job(job: dict, toy_roots: dict, out: Path, timeout: float, results: Path
     job_dir = out / name
     job_dir.mkdir(parents=True, exist_ok=True)
     toy = toy_roots[job.get('data', 'toy300')]
-    key, sub = ROOT_KEYS[task]
-    options = [f'toy_root={toy}', f'{key}={toy}/{sub}', f'ann_root={toy}/annotation', 'num_workers=0']
+    image_key = 'vqa_root' if task == 'vqa' else 'image_root'
+    options = [f'toy_root={toy}', f'{image_key}={toy}/images', f'ann_root={toy}/annotation', 'num_workers=0']
     if task == 'caption':
         options.append(f'coco_gt_root={toy}/annotation/coco_gt')
     if job.get('med'):
@@ -51,7 +49,8 @@ def run_job(job: dict, toy_roots: dict, out: Path, timeout: float, results: Path
     start = time.time()
     with open(job_dir / 'stdout.txt', 'w') as log:
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = 'timeout'
     epochs = []

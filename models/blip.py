@@ -135,8 +135,8 @@ class BLIP_Decoder(nn.Module):
         Beam search by default; ``sample=True`` is nucleus sampling with top-k 50 and, as in the
         original, a fixed repetition penalty of 1.1. ``max_length``/``min_length`` count the prompt
         tokens. ``cuda_graph=True`` replays each decode step as one CUDA graph on a GPU (same captions;
-        304 vs 119-166 img/s at batch 32 in bf16 on an H100, BENCHMARKS.md). Returns ``B * num_return_sequences`` strings,
-        grouped per image.
+        304 vs 119-166 img/s at batch 32 in bf16 on an H100, BENCHMARKS.md). Returns
+        ``B * num_return_sequences`` strings, grouped per image.
         """
         image_embeds = self.visual_encoder(image)
         prompt = prompt if prompt is not None else self.prompt

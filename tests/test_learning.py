@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory) -> Path:
+    # 200 web images: the noisy pairs CapFilt must find
     return ensure_toy_dataset(tmp_path_factory.mktemp('toy'), n_train=300, n_val=30, n_test=30, n_web=200,
                               n_videos=2, video_frames=2)
 
@@ -53,8 +54,8 @@ def run(script: str, config: str, toy: Path, out: Path, *options: str) -> list[d
 @pytest.fixture(scope='module')
 def caption_run(toy, tmp_path_factory) -> tuple[list[dict], Path]:
     out = tmp_path_factory.mktemp('caption')
-    return run('train_caption', 'caption', toy, out, f'image_root={toy}/images', f'coco_gt_root={toy}/annotation/coco_gt',
-               'max_epoch=3', 'init_lr=3e-3', 'num_beams=2'), out
+    return run('train_caption', 'caption', toy, out, f'image_root={toy}/images',
+               f'coco_gt_root={toy}/annotation/coco_gt', 'max_epoch=3', 'init_lr=3e-3', 'num_beams=2'), out
 
 
 @pytest.fixture(scope='module')
