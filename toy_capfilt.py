@@ -25,6 +25,7 @@ Numbers are printed and written to ``<output_dir>/toy_capfilt_results.json``.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import shutil
@@ -68,6 +69,25 @@ def noise_removal(noisy: list[dict], truth: list[bool], kept_pairs: list[dict], 
             'removed_clean': n_removed - tp, 'unreadable_images': len(bad),
             'precision': tp / n_removed if n_removed else None, 'recall': tp / n_noisy if n_noisy else None,
             'chance_precision': n_noisy / len(noisy)}
+
+
+def web_score_auc(capfilt_dir: Path, truth: list[bool]) -> Optional[float]:
+    """Probability that a clean web pair scores above a noisy one (ties count half), from CapFilt's shards.
+
+    Unlike precision/recall at the threshold, this does not depend on how the filter's ITM probabilities
+    are calibrated around 0.5, which varies between toy training runs far more than the ranking does.
+    """
+    scores = {}
+    for path in sorted((capfilt_dir / 'shards').glob('shard_*.json')):
+        scores.update((r['i'], r['w']) for r in json.loads(path.read_text())['records'])
+    clean = sorted(scores[i] for i, t in enumerate(truth) if i in scores and not t)
+    noisy = [scores[i] for i, t in enumerate(truth) if i in scores and t]
+    if not clean or not noisy:
+        return None
+    # for each noisy score: clean scores above it + half the ties
+    wins = sum(len(clean) - bisect.bisect_right(clean, n) + 0.5 * (bisect.bisect_right(clean, n) -
+               bisect.bisect_left(clean, n)) for n in noisy)
+    return wins / (len(clean) * len(noisy))
 
 
 def equal_size(a: list, b: list) -> tuple[list, list]:
@@ -133,8 +153,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     truth = json.loads((ann / 'pretrain_noisy_truth.json').read_text())
     bootstrapped = json.loads((capfilt_dir / 'capfilt_annotations.json').read_text())
     removal = noise_removal(noisy, truth, bootstrapped, {b['index'] for b in summary['bad_image_errors']})
+    removal['web_score_auc'] = web_score_auc(capfilt_dir, truth)
     print(f"[d. noise removal] precision {removal['precision']} recall {removal['recall']} "
-          f"(chance precision {removal['chance_precision']:.2f})", flush=True)
+          f"(chance precision {removal['chance_precision']:.2f}), clean-vs-noisy score AUC "
+          f"{removal['web_score_auc']}", flush=True)
 
     # e. pretraining on noisy vs bootstrapped pairs, same number of pairs and steps, then zero-shot retrieval
     human = [{'image': e['image'], 'caption': e['caption']}

@@ -85,20 +85,41 @@ def test_retrieval_learns(retrieval_run):
 
 def test_capfilt_removes_noisy_web_pairs(toy, caption_run, retrieval_run, tmp_path):
     import capfilt
-    from toy_capfilt import noise_removal
+    from toy_capfilt import noise_removal, web_score_auc
     ann = toy / 'annotation'
     capfilt.main(['--config', str(ROOT / 'configs' / 'toy' / 'capfilt.yaml'), '--output_dir', str(tmp_path),
                   '--device', 'cpu', '--seed', '0', '--options', f'toy_root={toy}', f'image_root={toy}/images',
                   f'ann_file=[{ann}/pretrain_noisy.json]', f'human_ann_file=[{ann}/coco_karpathy_train.json]',
-                  f'captioner={caption_run[1]}/checkpoint_best.pth', f'filter={retrieval_run[1]}/checkpoint_best.pth'])
+                  f'captioner={caption_run[1]}/checkpoint_best.pth', f'filter={retrieval_run[1]}/checkpoint_last.pth'])
     noisy = json.loads((ann / 'pretrain_noisy.json').read_text())
     truth = json.loads((ann / 'pretrain_noisy_truth.json').read_text())
     kept = json.loads((tmp_path / 'capfilt_annotations.json').read_text())
     removal = noise_removal(noisy, truth, kept, set())
-    print(removal)
-    # 60 of the 200 web captions belong to other images: removing everything (a filter at chance) has
-    # precision 0.30. Measured with threshold 0.5: removed 117, precision 0.48, recall 0.93.
-    assert removal['precision'] > 0.38 and removal['recall'] > 0.7, removal
+    auc = web_score_auc(tmp_path, truth)
+    print(removal, auc)
+    # The filter's scores must rank clean web pairs above noisy ones (60 of the 200 web captions belong to
+    # other images; chance AUC 0.5). The filter is the retrieval run's last checkpoint: "best" is picked by
+    # recall on 30 validation images, a noisy choice (one seed's best epoch gave AUC 0.72, its last 0.92).
+    # Measured with the last checkpoint over 6 seeds: AUC 0.87-0.96.
+    assert auc > 0.75, (auc, removal)
+    # At the threshold, noisy pairs must be removed more often than clean ones, i.e. precision above the
+    # 0.30 of removing at random. Where the toy filter's ITM probabilities sit around 0.5 varies between
+    # runs (last checkpoints, 6 seeds: removed 77-134 of 200, precision 0.43-0.73, recall 0.80-0.97; best
+    # checkpoints removed up to 177), so the bound is chance, not a tuned number.
+    assert 0 < removal['removed'] < removal['web_pairs'] and removal['precision'] > removal['chance_precision'], removal
+
+
+def test_web_score_auc_ranks_clean_above_noisy(tmp_path):
+    from toy_capfilt import web_score_auc
+    (tmp_path / 'shards').mkdir()
+    records = [{'i': i, 'w': w, 's': []} for i, w in enumerate([0.9, 0.2, 0.7, 0.2, 0.1])]
+    (tmp_path / 'shards' / 'shard_000000.json').write_text(json.dumps({'records': records[:3]}))
+    (tmp_path / 'shards' / 'shard_000001.json').write_text(json.dumps({'records': records[3:]}))
+    truth = [False, True, False, True, True]                 # noisy: 0.2, 0.2, 0.1 -- all below the clean ones
+    assert web_score_auc(tmp_path, truth) == 1.0
+    assert web_score_auc(tmp_path, [not t for t in truth]) == 0.0
+    # clean {0.9, 0.7, 0.2} vs noisy {0.2, 0.1}: 5 of 6 pairs ordered, one tie counted half
+    assert web_score_auc(tmp_path, [False, True, False, False, True]) == pytest.approx(5.5 / 6)
 
 
 def question_only_accuracy(ann_root: Path) -> float:
