@@ -21,7 +21,7 @@ import torch
 
 from common import (autocast, check, count_flops, finish_args, hf_twin, med_spec, parser, report, sync, time_fn,
                     vit_spec)
-from models import generation
+from models import generation, med
 from models.blip import BLIP_Decoder
 
 SEP, PAD = 102, 0
@@ -38,6 +38,18 @@ def up_to_sep(rows, prompt_len: int = 4) -> list[list[int]]:
     return out
 
 
+def plain_linear(fn):
+    """``fn`` run with every MED linear layer as ``F.linear`` (the skinny CPU kernels off)."""
+    def run(**kw):
+        saved = med.skinny_cpu_linear
+        med.skinny_cpu_linear = lambda *a: None
+        try:
+            return fn(**kw)
+        finally:
+            med.skinny_cpu_linear = saved
+    return run
+
+
 def main(argv=None):
     p = parser('BLIP caption generation (beam search)', batch=32, image_size=384)
     p.add_argument('--batches', default=None, help='comma-separated batch sizes (default: --batch)')
@@ -45,6 +57,8 @@ def main(argv=None):
     p.add_argument('--max-length', type=int, default=20)
     p.add_argument('--min-length', type=int, default=5)
     p.add_argument('--interleave', action='store_true', help='alternate ours/transformers runs (shared CPUs)')
+    p.add_argument('--plain-linear', action='store_true',
+                   help='with --interleave, also time ours with every linear layer as x @ W^T (no skinny CPU path)')
     p.add_argument('--hf-iters', type=int, default=None, help='timed iterations for transformers (default --iters)')
     args = finish_args(p.parse_args(argv))
     dev = args.device
@@ -90,23 +104,31 @@ def main(argv=None):
         if hf is not None:
             extra.update(greedy_rows_equal=same, beam_rows_equal=same_beam)
         if hf is not None and args.interleave:
-            # shared CPU: alternate the two so that load drift hits both alike
-            t_o, t_h = [], []
+            # shared CPU: alternate the implementations so that load drift hits all alike
+            impls = {'ours': ours, 'transformers': theirs}
+            if args.plain_linear:
+                impls['ours_plain_linear'] = plain_linear(ours)
+            times = {name: [] for name in impls}
             for _ in range(args.warmup):
-                ours(), theirs()
+                for fn in impls.values():
+                    fn()
             for _ in range(args.iters):
-                for fn, acc in ((ours, t_o), (theirs, t_h)):
+                for name, fn in impls.items():
                     sync(dev)
                     t0 = time.perf_counter()
                     fn()
                     sync(dev)
-                    acc.append(time.perf_counter() - t0)
-            for impl, ts in (('ours', t_o), ('transformers', t_h)):
+                    times[name].append(time.perf_counter() - t0)
+            medians = {}
+            for impl, ts in times.items():
                 results.append(report(args, 'caption_generate', impl, {
                     'median_s': statistics.median(ts), 'min_s': min(ts), 'max_s': max(ts), 'iters': len(ts),
                     'warmup': args.warmup, 'interleaved': True}, B, flops=flops, extra=extra))
+                medians[impl] = results[-1]['median_s']
             print(f"speed-up vs transformers at B={B} (interleaved): "
-                  f"{results[-1]['median_s'] / results[-2]['median_s']:.2f}x", flush=True)
+                  f"{medians['transformers'] / medians['ours']:.2f}x"
+                  + (f"; without the skinny CPU linear: {medians['transformers'] / medians['ours_plain_linear']:.2f}x"
+                     if args.plain_linear else ''), flush=True)
             continue
         results.append(report(args, 'caption_generate', 'ours', time_fn(ours, args), B, flops=flops, extra=extra))
         if hf is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional, Sequence
 
@@ -36,6 +37,43 @@ _IGNORED_CONFIG_KEYS = {
     'bos_token_id', 'eos_token_id', 'sep_token_id', 'is_decoder', 'output_attentions', 'output_hidden_states',
     'return_dict', 'tie_word_embeddings', 'chunk_size_feed_forward',
 }
+
+
+# oneDNN's linear kernel (what torch.compile's CPU backend calls), present in x86 builds of PyTorch
+_ONEDNN_LINEAR = (platform.machine() in ('x86_64', 'AMD64') and torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
+
+
+def skinny_cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``F.linear`` for a few rows on the CPU by a faster kernel, or None where none is known to be faster.
+
+    Decoding feeds a handful of rows per step (beams x images) and is bound by reading the weights, which
+    MKL's x @ W^T kernel streams at only 4-11 GB/s on 2 cores for 2-16 rows. Measured with
+    benchmarks/cpu_linear.py (BERT-base shapes, weights from DRAM): the transposed product (W @ x^T)^T
+    reads them at 11-32 GB/s for 2-4 rows, oneDNN's kernel at 11-28 GB/s for 1 and 5-16 rows. Same function;
+    the fp32 sums run in another order, so results can differ in the last bits.
+    """
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32 \
+            or torch.is_autocast_enabled('cpu'):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    if 2 <= rows <= 4:
+        y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)
+        y = y.T
+    elif rows <= 16 and _ONEDNN_LINEAR and not torch.is_grad_enabled():   # no autograd formula
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, 'none', [], '')
+    else:
+        return None
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) with faster CPU kernels for a few rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = skinny_cpu_linear(x, self.weight, self.bias)
+        return super().forward(x) if y is None else y
 
 
 @dataclass
@@ -145,9 +183,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: MEDConfig, kv_width: int):
         super().__init__()
         self.heads = cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(kv_width, cfg.hidden_size)
-        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(kv_width, cfg.hidden_size)
+        self.value = Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +275,7 @@ class AddNorm(nn.Module):
 
     def __init__(self, cfg: MEDConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.dense = Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -263,10 +301,10 @@ class TwinOutput(nn.Module):
 
     def __init__(self, cfg: MEDConfig, merge: bool):
         super().__init__()
-        self.dense0 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.dense1 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense0 = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense1 = Linear(cfg.hidden_size, cfg.hidden_size)
         if merge:
-            self.merge_layer = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size)
+            self.merge_layer = Linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -297,7 +335,7 @@ class Intermediate(nn.Module):
 
     def __init__(self, cfg: MEDConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))
@@ -495,7 +533,7 @@ BertModel = MED  # the original's name
 class PredictionHeadTransform(nn.Module):
     def __init__(self, cfg: MEDConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,7 +546,7 @@ class LMPrediction(nn.Module):
     def __init__(self, cfg: MEDConfig):
         super().__init__()
         self.transform = PredictionHeadTransform(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.decoder = Linear(cfg.hidden_size, cfg.vocab_size)
         # The checkpoints store the output bias twice (``bias`` and ``decoder.bias``): one Parameter.
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.decoder.bias = self.bias
@@ -609,7 +647,7 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int) -> None:
         pred = model.cls.predictions
         bias = torch.zeros(new_num_tokens, dtype=pred.bias.dtype, device=pred.bias.device)
         bias[:n] = pred.bias.data[:n]
-        pred.decoder = nn.Linear(old.embedding_dim, new_num_tokens).to(old.weight)
+        pred.decoder = Linear(old.embedding_dim, new_num_tokens).to(old.weight)
         pred.bias = nn.Parameter(bias)
         pred.decoder.bias = pred.bias
         pred.decoder.weight = new.weight

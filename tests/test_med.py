@@ -201,3 +201,28 @@ def test_tokenizer_that_failed_to_load_is_an_error(tmp_path):
         init_tokenizer(str(bad))
     with pytest.raises(Exception):
         init_tokenizer(str(tmp_path / 'no-such-folder'))
+
+
+@pytest.mark.parametrize('rows', [1, 2, 3, 4, 5, 6, 8, 16, 17, 40])
+@pytest.mark.parametrize('grad', [False, True])
+def test_skinny_cpu_linear_is_the_same_function(rows, grad):
+    """The decode-time CPU kernels for a few rows compute F.linear (to fp32 rounding), in any input shape."""
+    from models import med
+    torch.manual_seed(rows)
+    layer = med.Linear(96, 200)
+    x = torch.randn(rows, 1, 96, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        fast = med.skinny_cpu_linear(x, layer.weight, layer.bias)
+        # rows 2-4 take the transposed product (autograd-safe); 1 and 5-16 oneDNN's kernel, only without grad
+        expect_fast = 2 <= rows <= 4 or (rows <= 16 and not grad and med._ONEDNN_LINEAR)
+        assert (fast is not None) == expect_fast
+        out, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.shape == ref.shape == (rows, 1, 200)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(out, (x, layer.weight, layer.bias), g),
+                                   torch.autograd.grad(ref, (x, layer.weight, layer.bias), g), rtol=1e-5, atol=1e-5)
+    no_bias = med.Linear(96, 200, bias=False)
+    with torch.no_grad():
+        torch.testing.assert_close(no_bias(x), x @ no_bias.weight.T, rtol=1e-5, atol=1e-5)
