@@ -58,7 +58,7 @@ REPORT_FILE = 'capfilt_report.html'
 # Settings that change the shards' contents; a resumed run must use the same ones.
 SHARD_KEYS = ('ann_file', 'image_root', 'captioner', 'filter', 'vit', 'image_size', 'med_config', 'num_captions',
               'sample', 'top_p', 'top_k', 'num_beams', 'repetition_penalty', 'max_length', 'min_length', 'prompt',
-              'score', 'itm_first_token', 'max_words', 'shard_size')
+              'score', 'itm_first_token', 'max_words', 'shard_size', 'cuda_graph')
 
 
 @dataclass
@@ -79,6 +79,7 @@ class CapFiltConfig(CommonConfig):
     max_length: int = 30
     min_length: int = 5
     prompt: str = 'a picture of '
+    cuda_graph: bool = False         # replay each decode step as one CUDA graph (GPU; bf16 may differ in last bits)
     threshold: float = 0.5           # keep a caption when its score >= threshold
     score: str = 'itm'               # 'itm' (softmax match probability) or 'itc' (cosine similarity)
     itm_first_token: str = 'enc'     # the token ITM was trained with; 'cls' = the original BLIP_ITM demo
@@ -211,7 +212,8 @@ def process_batch(captioner, filter_model, images: torch.Tensor, web_captions: l
                                            max_length=config.max_length, min_length=config.min_length,
                                            top_p=config.top_p, top_k=config.top_k,
                                            repetition_penalty=config.repetition_penalty,
-                                           num_return_sequences=n, prompt=config.prompt)
+                                           num_return_sequences=n, prompt=config.prompt,
+                                           cuda_graph=config.cuda_graph)
             synthetic = [pre_caption(c, config.max_words) for c in synthetic]
         candidates = []
         for i, web in enumerate(web_captions):

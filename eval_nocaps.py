@@ -29,6 +29,7 @@ class NoCapsConfig(CommonConfig):
     min_length: int = 5
     num_beams: int = 3
     prompt: str = 'a picture of '
+    cuda_graph: bool = False  # not an original key: replay each decode step as one CUDA graph (same captions)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -32,6 +32,7 @@ class CaptionConfig(CommonConfig):
     min_length: int = 5
     num_beams: int = 3
     prompt: str = 'a picture of '
+    cuda_graph: bool = False  # not an original key: replay each decode step as one CUDA graph (same captions)
     weight_decay: float = 0.05
     min_lr: float = 0.0
     max_epoch: int = 5
@@ -50,7 +51,8 @@ def generate_captions(model, loader, config: CaptionConfig, device, amp_dtype, *
     for image, image_id in progress(loader, 'caption'):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             captions = model.generate(image.to(device, non_blocking=True), sample=False, num_beams=config.num_beams,
-                                      max_length=config.max_length, min_length=config.min_length, **generate_kwargs)
+                                      max_length=config.max_length, min_length=config.min_length,
+                                      cuda_graph=config.get('cuda_graph', False), **generate_kwargs)
         results += [{'image_id': int(i), 'caption': c} for i, c in zip(image_id, captions)]
     return results
 

@@ -97,6 +97,23 @@ def test_script_runs_in_process(script, toy, tmp_path):
         assert len(json.loads((tmp_path / 'result/val_epoch0.json').read_text())) == 8
 
 
+def test_cuda_graph_config_key_gives_the_same_captions(toy, tmp_path, monkeypatch):
+    """``cuda_graph: true`` (the static decode step; eager off the GPU) changes the speed, never the captions."""
+    import eval_nocaps
+    from models import generation
+    graphed = []
+    init = generation._GraphedDecoder.__init__
+    monkeypatch.setattr(generation._GraphedDecoder, '__init__',
+                        lambda self, *a, **kw: graphed.append(1) or init(self, *a, **kw))
+    files = []
+    for flag in ('False', 'True'):
+        out = tmp_path / flag
+        eval_nocaps.main(argv('eval_nocaps', toy, out) + [f'cuda_graph={flag}'])
+        files.append([json.loads((out / 'result' / f'{split}.json').read_text()) for split in ('val', 'test')])
+        assert bool(graphed) == (flag == 'True')   # the key reaches the decoder
+    assert files[0] == files[1] and len(files[0][0]) > 0
+
+
 def _torchrun(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
