@@ -161,11 +161,13 @@ def pretrain_run(toy_nlvr, tmp_path_factory) -> Path:
 
 
 def test_nlvr_learns_from_a_toy_pretrained_model(toy_nlvr, pretrain_run, tmp_path):
-    last = run('train_nlvr', 'nlvr', toy_nlvr, tmp_path, f'image_root={toy_nlvr}/images', 'max_epoch=10',
-               f'pretrained={pretrain_run}/checkpoint_last.pth')[-1]
-    accuracy = (last['val_acc'] + last['test_acc']) / 2   # 600 pairs, half true
-    print(last)
-    # a constant answer scores 50, the best sentence-only rule ~52; measured after 3 epochs of toy
-    # pretraining (5000 pairs) and 10 of NLVR at lr 1e-4: 59.2 and 59.3 (seeds 1, 2), every epoch from
-    # the 6th on >= 58.8
-    assert accuracy > 55, last
+    log = run('train_nlvr', 'nlvr', toy_nlvr, tmp_path, f'image_root={toy_nlvr}/images', 'max_epoch=15',
+              f'pretrained={pretrain_run}/checkpoint_last.pth')
+    # 600 pairs per epoch, half true; the mean of the last 3 epochs evens out epoch-to-epoch swings of ~2
+    accuracy = sum((e['val_acc'] + e['test_acc']) / 2 for e in log[-3:]) / 3
+    print(accuracy, log[-1])
+    # A constant answer scores 50, the best sentence-only rule ~52. The outcome depends on floating-point
+    # details (thread count, machine): with 10 NLVR epochs the final accuracy ranged 53.2-60.2 over 7 runs
+    # (seeds, thread counts), one below 55. With 15 epochs (1 thread, seeds 0-2) the mean of the last 3
+    # epochs was 58.8, 62.4, 61.6 (seed 0 was the weakest run at 10 epochs: 56.0).
+    assert accuracy > 55, (accuracy, log[-3:])
