@@ -48,7 +48,7 @@ def skinny_cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """``F.linear`` for a few rows on the CPU by a faster kernel, or None where none is known to be faster.
 
     Decoding feeds a handful of rows per step (beams x images) and is bound by reading the weights, which
-    MKL's x @ W^T kernel streams at only 4-11 GB/s on 2 cores for 2-16 rows. Measured with
+    MKL's x @ W^T kernel streams at only 3-11 GB/s on 2 cores for 2-16 rows. Measured with
     benchmarks/cpu_linear.py (BERT-base shapes, weights from DRAM): the transposed product (W @ x^T)^T
     reads them at 11-32 GB/s for 2-4 rows, oneDNN's kernel at 11-28 GB/s for 1 and 5-16 rows. Same function;
     the fp32 sums run in another order, so results can differ in the last bits.
@@ -61,7 +61,7 @@ def skinny_cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if 2 <= rows <= 4:
         y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)
         y = y.T
-    elif rows <= 16 and _ONEDNN_LINEAR and not torch.is_grad_enabled():   # no autograd formula
+    elif 1 <= rows <= 16 and _ONEDNN_LINEAR and not torch.is_grad_enabled():   # no autograd formula
         y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, 'none', [], '')
     else:
         return None

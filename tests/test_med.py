@@ -226,3 +226,4 @@ def test_skinny_cpu_linear_is_the_same_function(rows, grad):
     no_bias = med.Linear(96, 200, bias=False)
     with torch.no_grad():
         torch.testing.assert_close(no_bias(x), x @ no_bias.weight.T, rtol=1e-5, atol=1e-5)
+        assert layer(x[:0]).shape == (0, 1, 200)   # no rows: the plain kernel
