@@ -52,7 +52,7 @@ def generate_captions(model, loader, config: CaptionConfig, device, amp_dtype, *
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             captions = model.generate(image.to(device, non_blocking=True), sample=False, num_beams=config.num_beams,
                                       max_length=config.max_length, min_length=config.min_length,
-                                      cuda_graph=config.get('cuda_graph', False), **generate_kwargs)
+                                      cuda_graph=config.cuda_graph, **generate_kwargs)
         results += [{'image_id': int(i), 'caption': c} for i, c in zip(image_id, captions)]
     return results
 
