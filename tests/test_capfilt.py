@@ -46,9 +46,9 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory) -> dict:
+def setup(module_dir) -> dict:
     """Tiny images, web and human annotation files, tiny captioner and filter checkpoints, a config."""
-    root = tmp_path_factory.mktemp('capfilt')
+    root = module_dir('capfilt')
     images = root / 'images'
     (images / 'web').mkdir(parents=True)
     web = []
@@ -86,9 +86,9 @@ def read_output(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope='module')
-def full_run(setup, tmp_path_factory) -> tuple[Path, dict]:
+def full_run(setup, module_dir) -> tuple[Path, dict]:
     """One uninterrupted run with threshold 0: every caption kept."""
-    out = tmp_path_factory.mktemp('full')
+    out = module_dir('full')
     return out, run_capfilt(setup, out, 'threshold=0.0')
 
 

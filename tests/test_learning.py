@@ -30,15 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> Path:
+def toy(module_dir) -> Path:
     # 200 web images: the noisy pairs CapFilt must find
-    return ensure_toy_dataset(tmp_path_factory.mktemp('toy'), n_train=300, n_val=30, n_test=30, n_web=200,
+    return ensure_toy_dataset(module_dir('toy'), n_train=300, n_val=30, n_test=30, n_web=200,
                               n_videos=2, video_frames=2)
 
 
 @pytest.fixture(scope='module')
-def toy1000(tmp_path_factory) -> Path:
-    return ensure_toy_dataset(tmp_path_factory.mktemp('toy1000'), n_web=4, n_videos=2, video_frames=2)
+def toy1000(module_dir) -> Path:
+    return ensure_toy_dataset(module_dir('toy1000'), n_web=4, n_videos=2, video_frames=2)
 
 
 def run(script: str, config: str, toy: Path, out: Path, *options: str) -> list[dict]:
@@ -52,15 +52,15 @@ def run(script: str, config: str, toy: Path, out: Path, *options: str) -> list[d
 
 
 @pytest.fixture(scope='module')
-def caption_run(toy, tmp_path_factory) -> tuple[list[dict], Path]:
-    out = tmp_path_factory.mktemp('caption')
+def caption_run(toy, module_dir) -> tuple[list[dict], Path]:
+    out = module_dir('caption')
     return run('train_caption', 'caption', toy, out, f'image_root={toy}/images',
                f'coco_gt_root={toy}/annotation/coco_gt', 'max_epoch=3', 'init_lr=3e-3', 'num_beams=2'), out
 
 
 @pytest.fixture(scope='module')
-def retrieval_run(toy, tmp_path_factory) -> tuple[list[dict], Path]:
-    out = tmp_path_factory.mktemp('retrieval')
+def retrieval_run(toy, module_dir) -> tuple[list[dict], Path]:
+    out = module_dir('retrieval')
     return run('train_retrieval', 'retrieval', toy, out, f'image_root={toy}/images', 'max_epoch=12'), out
 
 
@@ -145,16 +145,16 @@ def test_vqa_learns(toy1000, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def toy_nlvr(tmp_path_factory) -> Path:
+def toy_nlvr(module_dir) -> Path:
     # 300 + 300 evaluation pairs: with 100 + 100 the sampling noise of the accuracy (~3.5 points) was as
     # large as the margin between a learning run and a blind one
-    return ensure_toy_dataset(tmp_path_factory.mktemp('toy_nlvr'), n_val=300, n_test=300, n_web=4, n_videos=2,
+    return ensure_toy_dataset(module_dir('toy_nlvr'), n_val=300, n_test=300, n_web=4, n_videos=2,
                               video_frames=2)
 
 
 @pytest.fixture(scope='module')
-def pretrain_run(toy_nlvr, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp('pretrain')
+def pretrain_run(toy_nlvr, module_dir) -> Path:
+    out = module_dir('pretrain')
     run('pretrain', 'pretrain', toy_nlvr, out, f'image_root={toy_nlvr}/images',
         f'train_file=[{toy_nlvr}/annotation/coco_karpathy_train.json]', 'max_epoch=3')
     return out

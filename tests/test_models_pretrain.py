@@ -114,9 +114,9 @@ def test_unreachable_sources_raise_errors_naming_them():
 # ------------------------------------------------------------------------------------------ checkpoint layout
 
 @pytest.fixture(scope='module')
-def pretrain_checkpoint(tmp_path_factory):
+def pretrain_checkpoint(module_dir):
     model = tiny_pretrain(seed=7)
-    path = tmp_path_factory.mktemp('ckpt') / 'pretrain.pth'
+    path = module_dir('ckpt') / 'pretrain.pth'
     torch.save({'model': model.state_dict(), 'epoch': 0}, path)
     return path, model.state_dict()
 

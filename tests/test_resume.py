@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> Path:
-    return ensure_toy_dataset(tmp_path_factory.mktemp('toy'), n_train=12, n_val=4, n_test=4, n_web=12, n_videos=2,
+def toy(module_dir) -> Path:
+    return ensure_toy_dataset(module_dir('toy'), n_train=12, n_val=4, n_test=4, n_web=12, n_videos=2,
                               video_frames=2)
 
 

@@ -12,8 +12,8 @@ SMALL = dict(n_train=12, n_val=6, n_test=6, n_web=10, n_videos=3)
 
 
 @pytest.fixture(scope='module')
-def toy(tmp_path_factory):
-    return ensure_toy_dataset(tmp_path_factory.mktemp('toy') / 'toy_data', seed=0, **SMALL)
+def toy(module_dir):
+    return ensure_toy_dataset(module_dir('toy') / 'toy_data', seed=0, **SMALL)
 
 
 def tree(root):
