@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from models.blip import init_tokenizer, load_med_config
 from models.checkpoint import CheckpointError
 from models.losses import itc_loss, itm_loss, itm_negative_weights, sample_negatives, soft_targets
-from models.med import MED, MEDLMHeadModel, resize_token_embeddings, share_encoder_decoder
+from models.med import MED, MEDLMHeadModel, resize_token_embeddings, select_cross_kv, share_encoder_decoder
 from models.momentum import FeatureQueue, all_gather_no_grad, copy_params, get_rank, momentum_update
 from models.vit import create_vit
 
@@ -147,8 +147,11 @@ class BLIP_Pretrain(nn.Module):
 
     # ------------------------------------------------------------------------------------------ ITM
 
-    def _itm(self, image_embeds, ids, mask, sim_i2t, sim_t2i):
-        """ITM over B positives and 2B hard negatives drawn within the local batch (reference 5.4 step 6)."""
+    def _itm(self, image_kv: list, ids, mask, sim_i2t, sim_t2i):
+        """ITM over B positives and 2B hard negatives drawn within the local batch (reference 5.4 step 6).
+
+        ``image_kv``: the batch images' cross-attention keys/values (``precompute_cross_kv``), gathered per
+        row; the same function as the original's pass over copied image tokens, with a third of the projections."""
         B = ids.shape[0]
         with torch.no_grad():
             diagonal = torch.eye(B, dtype=torch.bool, device=ids.device)
@@ -157,8 +160,9 @@ class BLIP_Pretrain(nn.Module):
         # one multimodal pass over [positives; texts with negative images; negative texts with images]
         ids_all = torch.cat([ids, ids, ids[neg_text]])                                     # [3B, L]
         mask_all = torch.cat([mask, mask, mask[neg_text]])
-        images_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])      # [3B, N, Dv]
-        out = self.text_encoder(ids_all, attention_mask=mask_all, encoder_hidden_states=images_all,
+        own = torch.arange(B, device=ids.device)
+        image_rows = torch.cat([own, neg_image, own])                                      # [3B]
+        out = self.text_encoder(ids_all, attention_mask=mask_all, cross_kv=select_cross_kv(image_kv, image_rows),
                                 mode='multimodal')
         logits = self.itm_head(out.last_hidden_state[:, 0])                                # [3B, 2]
         labels = torch.cat([torch.ones(B, dtype=torch.long, device=ids.device),
@@ -186,12 +190,15 @@ class BLIP_Pretrain(nn.Module):
 
         enc_ids = text.input_ids.clone()
         enc_ids[:, 0] = self.tokenizer.enc_token_id
-        loss_itm = self._itm(image_embeds, enc_ids, text.attention_mask, sim_i2t, sim_t2i)
+        # the encoder and the decoder share their cross-attention modules (reference 3.5), so one projection
+        # of each image's tokens serves the ITM rows and the LM rows
+        image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
+        loss_itm = self._itm(image_kv, enc_ids, text.attention_mask, sim_i2t, sim_t2i)
 
         dec_ids = text.input_ids.clone()
         dec_ids[:, 0] = self.tokenizer.bos_token_id
         targets = dec_ids.masked_fill(dec_ids == self.tokenizer.pad_token_id, -100)
-        loss_lm = self.text_decoder(dec_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+        loss_lm = self.text_decoder(dec_ids, attention_mask=text.attention_mask, cross_kv=image_kv,
                                     labels=targets, loss_only=True).loss
         return loss_ita, loss_itm, loss_lm
 

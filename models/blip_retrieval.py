@@ -27,7 +27,7 @@ from models.blip import init_tokenizer, load_med_config
 from models.blip_pretrain import fp32, momentum_itc
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.losses import itm_loss, itm_negative_weights, sample_negatives
-from models.med import MED
+from models.med import MED, concat_cross_kv, select_cross_kv
 from models.momentum import FeatureQueue, all_gather_no_grad, all_gather_with_grad, copy_params
 from models.vit import create_vit
 
@@ -132,8 +132,14 @@ class BLIP_Retrieval(nn.Module):
             neg_text, valid_text = self.negative_sampler(w_i2t)     # a negative text for each image
         ids_all = torch.cat([ids, ids, ids_world[neg_text]])                                # [3B, L]
         mask_all = torch.cat([mask, mask, mask_world[neg_text]])
-        images_all = torch.cat([image_embeds, image_embeds_world[neg_image], image_embeds])  # [3B, N, Dv]
-        out = self.text_encoder(ids_all, attention_mask=mask_all, encoder_hidden_states=images_all,
+        # rows [positives; texts with negative images; negative texts with images]: each local image's
+        # cross-attention keys/values are projected once and used by its two rows
+        image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
+        if self.negative_all_rank:  # negatives from other ranks: project just the B chosen ones
+            neg_kv = self.text_encoder.precompute_cross_kv(image_embeds_world[neg_image])
+        else:
+            neg_kv = select_cross_kv(image_kv, neg_image)
+        out = self.text_encoder(ids_all, attention_mask=mask_all, cross_kv=concat_cross_kv(image_kv, neg_kv, image_kv),
                                 mode='multimodal')
         logits = self.itm_head(out.last_hidden_state[:, 0])                                 # [3B, 2]
         labels = torch.cat([torch.ones(B, dtype=torch.long, device=ids.device),

@@ -430,6 +430,36 @@ def cross_attention_mask(mask, dtype):
     return (1.0 - mask.to(dtype)) * (-1e4 if dtype == torch.float16 else -1e9)
 
 
+def autocast_context(states):
+    """Image tokens (a tensor, or an NLVR pair) cast once to the autocast dtype, when autocast is on.
+
+    Every layer's cross-attention key and value projection would otherwise cast the fp32 ViT output
+    itself (autocast casts inputs per op): 2 x layers copies, each kept for the backward pass.
+    The values are the same (autocast's cast is this cast)."""
+    if states is None:
+        return None
+    if isinstance(states, (tuple, list)):
+        return type(states)(autocast_context(s) for s in states)
+    if states.is_floating_point() and torch.is_autocast_enabled(states.device.type):
+        return states.to(torch.get_autocast_dtype(states.device.type))
+    return states
+
+
+def select_cross_kv(cross_kv: list, rows: torch.Tensor) -> list:
+    """Per layer, the cross-attention (k, v) of image ``rows[j]`` for text row j.
+
+    ITM scores each image against several texts (its caption, a hard-negative caption, and any caption
+    whose hard-negative image it is): the image's keys/values are projected once (``precompute_cross_kv``)
+    and gathered per row, instead of projecting a gathered copy of the image tokens for every row.
+    Gradients flow back through the gather (summed per image), as they would through the copies."""
+    return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cross_kv]
+
+
+def concat_cross_kv(*cross_kvs: list) -> list:
+    """Per layer, the rows of several ``cross_kv`` lists one after the other."""
+    return [(torch.cat([kv[0] for kv in layer]), torch.cat([kv[1] for kv in layer])) for layer in zip(*cross_kvs)]
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 class MED(nn.Module):
@@ -462,7 +492,12 @@ class MED(nn.Module):
         return self.embeddings.word_embeddings.weight.dtype
 
     def precompute_cross_kv(self, encoder_hidden_states) -> list:
-        """Per layer, the cross-attention (k, v) of ``encoder_hidden_states`` (computed once, reused every step)."""
+        """Per layer, the cross-attention (k, v) of ``encoder_hidden_states`` [B_img, N, W] (or an NLVR pair).
+
+        Computed once per image and reused: every decode step, every candidate text of a re-rank, every ITM
+        row of the image (``select_cross_kv``). Differentiable: training passes it as ``cross_kv``.
+        """
+        encoder_hidden_states = autocast_context(encoder_hidden_states)
         kvs = []
         for layer in self.encoder.layer:
             ca = layer.crossattention
@@ -505,7 +540,7 @@ class MED(nn.Module):
         if mode == 'multimodal':
             if encoder_hidden_states is None and cross_kv is None:
                 raise ValueError("mode='multimodal' needs encoder_hidden_states (image tokens) or cross_kv")
-            context = encoder_hidden_states
+            context = autocast_context(encoder_hidden_states)
             if self.config.twin_cross_attention:
                 masks = encoder_attention_mask or (None, None)
                 context_mask = [cross_attention_mask(m, dtype) for m in masks]

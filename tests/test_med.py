@@ -146,6 +146,39 @@ def test_image_rows_share_cross_attention_without_copies():
     torch.testing.assert_close(shared, copied, atol=1e-5, rtol=1e-5)
 
 
+def test_image_tokens_are_cast_once_under_autocast_with_the_same_outputs(monkeypatch):
+    """Under bf16 autocast the fp32 image tokens are cast once per forward, not by each layer's key and value
+    projection (2 x layers copies kept for backward); the outputs are bit-identical."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import models.med as med
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = MED(tiny(num_hidden_layers=3)).train()
+    ids, mask, image = _inputs(B=4)
+
+    def run():
+        torch.manual_seed(1)  # same dropout masks
+        with torch.autocast('cpu', dtype=torch.bfloat16), CountCasts(tuple(image.shape)) as casts:
+            out = model(ids, attention_mask=mask, encoder_hidden_states=image).last_hidden_state
+        return out, casts.count
+
+    once, n_once = run()
+    monkeypatch.setattr(med, 'autocast_context', lambda states: states)
+    per_projection, n_per_projection = run()
+    assert (n_once, n_per_projection) == (1, 6)
+    assert torch.equal(once, per_projection)
+
+
 def test_lm_loss_mean_and_none_reductions():
     torch.manual_seed(0)
     decoder = MEDLMHeadModel(tiny()).eval()

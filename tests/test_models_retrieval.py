@@ -23,7 +23,7 @@ from models.blip_itm import BLIP_ITM, blip_itm
 from models.blip_pretrain import BLIP_Pretrain
 from models.blip_retrieval import BLIP_Retrieval, blip_retrieval
 from models.checkpoint import load_checkpoint
-from models.losses import sample_negatives
+from models.losses import itm_loss, sample_negatives
 from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
 
 CAPTIONS = ['a dog on a red sofa', 'two people', 'a bicycle leaning on a wall next to a door', 'sky',
@@ -102,6 +102,50 @@ def test_itm_negatives_never_share_the_image_id():
     for weights, drawn, valid in recorder.calls:
         assert valid.all() and (idx[drawn] != idx).all()
         assert (weights[idx[:, None] == idx[None, :]] == 0).all()
+
+
+@pytest.mark.parametrize('cls, kwargs', [(BLIP_Retrieval, {}), (BLIP_Retrieval, {'negative_all_rank': True}),
+                                         (BLIP_Pretrain, {})], ids=['retrieval', 'retrieval_all_rank', 'pretrain'])
+def test_itm_and_lm_equal_the_passes_over_copied_image_tokens(cls, kwargs, monkeypatch):
+    """ITM (and pretraining's LM) project each image's tokens once and gather keys/values per row; the losses
+    and every gradient equal the original's passes over one copy of the image tokens per row."""
+    model = tiny(cls, med=MED_NO_DROPOUT, queue_size=12, **kwargs)   # no dropout: the reference is the same function
+    model.negative_sampler = recorder = Recorder()
+    image_embeds, calls = [], {}
+    model.visual_encoder.register_forward_hook(lambda module, args, out: image_embeds.append(out))
+    for name in ('text_encoder', 'text_decoder'):
+        module = getattr(model, name, None)
+        if module is not None:
+            def record(*args, _forward=module.forward, _name=name, **kw):
+                if kw.get('mode', 'multimodal') == 'multimodal':
+                    calls[_name] = (args, kw)
+                return _forward(*args, **kw)
+            monkeypatch.setattr(module, 'forward', record)
+    B = len(CAPTIONS)
+    extra = (torch.arange(B),) if cls is BLIP_Retrieval else ()
+    losses = model(images(B), CAPTIONS, 0.4, *extra)
+    objective = sum(losses[1:])                                                        # ITM (+ LM)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+
+    E = image_embeds[0]
+    (_, neg_image, valid_image), (_, neg_text, valid_text) = recorder.calls
+    (ids_all,), kw = calls['text_encoder']
+    out = model.text_encoder(ids_all, attention_mask=kw['attention_mask'], mode='multimodal',
+                             encoder_hidden_states=torch.cat([E, E[neg_image], E]))
+    labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)])
+    labels[B:] = labels[B:].masked_fill(~torch.cat([valid_image, valid_text]), -100)
+    reference = [itm_loss(model.itm_head(out.last_hidden_state[:, 0]), labels)]
+    if cls is BLIP_Pretrain:
+        (dec_ids,), kw = calls['text_decoder']
+        reference.append(model.text_decoder(dec_ids, attention_mask=kw['attention_mask'], encoder_hidden_states=E,
+                                            labels=kw['labels'], loss_only=True).loss)
+    want = torch.autograd.grad(sum(reference), params, allow_unused=True)
+    torch.testing.assert_close(torch.stack(list(losses[1:])), torch.stack(reference), rtol=1e-5, atol=1e-6)
+    for (name, _), g, w in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_batch_of_one_image_has_no_valid_negative_and_does_not_crash():
