@@ -60,6 +60,8 @@ def main(argv=None):
     p.add_argument('--plain-linear', action='store_true',
                    help='with --interleave, also time ours with every linear layer as x @ W^T (no skinny CPU path)')
     p.add_argument('--hf-iters', type=int, default=None, help='timed iterations for transformers (default --iters)')
+    p.add_argument('--cuda-graph', action='store_true',
+                   help='with --interleave, also time ours with cuda_graph=True (same-run eager / graph / transformers)')
     args = finish_args(p.parse_args(argv))
     dev = args.device
     model = BLIP_Decoder(med_config=med_spec(args.size), image_size=args.image_size, vit=vit_spec(args.size))
@@ -108,6 +110,12 @@ def main(argv=None):
             impls = {'ours': ours, 'transformers': theirs}
             if args.plain_linear:
                 impls['ours_plain_linear'] = plain_linear(ours)
+            if args.cuda_graph:
+                graphed = lambda: ours(**gen_kw, cuda_graph=True)  # noqa: E731
+                same_graph = sum(x == y for x, y in zip(up_to_sep(graphed()), up_to_sep(ours())))
+                print(f'cuda_graph tokens == eager: {same_graph}/{B} rows', flush=True)
+                extra = {**extra, 'cuda_graph_rows_equal_eager': same_graph}
+                impls['ours_cudagraph'] = graphed
             times = {name: [] for name in impls}
             for _ in range(args.warmup):
                 for fn in impls.values():
@@ -127,6 +135,8 @@ def main(argv=None):
                 medians[impl] = results[-1]['median_s']
             print(f"speed-up vs transformers at B={B} (interleaved): "
                   f"{medians['transformers'] / medians['ours']:.2f}x"
+                  + (f"; with cuda_graph: {medians['transformers'] / medians['ours_cudagraph']:.2f}x"
+                     if args.cuda_graph else '')
                   + (f"; without the skinny CPU linear: {medians['transformers'] / medians['ours_plain_linear']:.2f}x"
                      if args.plain_linear else ''), flush=True)
             continue
