@@ -47,6 +47,24 @@ def project(proj: nn.Linear, cls: torch.Tensor) -> torch.Tensor:
 
 
 
+def itm_first_tokens(text_encoder: MED, image_kv: list, neg_image_kv: list, ids, mask, neg_ids, neg_mask):
+    """[3B, H] first-token states of the ITM rows, in the original's order: (image i, text i),
+    (negative image of text i, text i), (image i, negative text of image i).
+
+    ``image_kv``: per layer, the batch images' cross-attention keys/values (``MED.precompute_cross_kv``);
+    ``neg_image_kv``: those of each text's negative image. An image's two rows (its text and its negative
+    text) attend to its keys/values together, folded into one attention call (``models.med.Attention``),
+    so neither the image tokens nor their keys/values are copied per row. Same function as the original's
+    one pass over [3B] copies of the image tokens."""
+    B = ids.shape[0]
+    pair_ids = torch.stack([ids, neg_ids], 1).flatten(0, 1)                           # [2B, L], image-major
+    pair_mask = torch.stack([mask, neg_mask], 1).flatten(0, 1)
+    pair = text_encoder(pair_ids, attention_mask=pair_mask, cross_kv=image_kv, mode='multimodal')
+    pair = pair.last_hidden_state[:, 0].view(B, 2, -1)
+    swapped = text_encoder(ids, attention_mask=mask, cross_kv=neg_image_kv, mode='multimodal').last_hidden_state[:, 0]
+    return torch.cat([pair[:, 0], swapped, pair[:, 1]])
+
+
 def momentum_itc(model: nn.Module, image_embeds: torch.Tensor, image: torch.Tensor, text, alpha: float,
                  idx: Optional[torch.Tensor] = None):
     """ITC with momentum distillation and feature queues (reference 5.4 steps 2-5, 5.5), shared by
@@ -150,21 +168,16 @@ class BLIP_Pretrain(nn.Module):
     def _itm(self, image_kv: list, ids, mask, sim_i2t, sim_t2i):
         """ITM over B positives and 2B hard negatives drawn within the local batch (reference 5.4 step 6).
 
-        ``image_kv``: the batch images' cross-attention keys/values (``precompute_cross_kv``), gathered per
-        row; the same function as the original's pass over copied image tokens, with a third of the projections."""
+        ``image_kv``: the batch images' cross-attention keys/values (``precompute_cross_kv``): each image is
+        projected once, not once per row (the original projects 3B copies of the image tokens)."""
         B = ids.shape[0]
         with torch.no_grad():
             diagonal = torch.eye(B, dtype=torch.bool, device=ids.device)
             neg_image, valid_image = self.negative_sampler(itm_negative_weights(sim_t2i, diagonal, 1e-4))
             neg_text, valid_text = self.negative_sampler(itm_negative_weights(sim_i2t, diagonal, 1e-4))
-        # one multimodal pass over [positives; texts with negative images; negative texts with images]
-        ids_all = torch.cat([ids, ids, ids[neg_text]])                                     # [3B, L]
-        mask_all = torch.cat([mask, mask, mask[neg_text]])
-        own = torch.arange(B, device=ids.device)
-        image_rows = torch.cat([own, neg_image, own])                                      # [3B]
-        out = self.text_encoder(ids_all, attention_mask=mask_all, cross_kv=select_cross_kv(image_kv, image_rows),
-                                mode='multimodal')
-        logits = self.itm_head(out.last_hidden_state[:, 0])                                # [3B, 2]
+        first = itm_first_tokens(self.text_encoder, image_kv, select_cross_kv(image_kv, neg_image), ids, mask,
+                                 ids[neg_text], mask[neg_text])
+        logits = self.itm_head(first)                                                      # [3B, 2]
         labels = torch.cat([torch.ones(B, dtype=torch.long, device=ids.device),
                             torch.zeros(2 * B, dtype=torch.long, device=ids.device)])
         labels[B:] = labels[B:].masked_fill(~torch.cat([valid_image, valid_text]), -100)

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
-from models.blip_pretrain import fp32, momentum_itc
+from models.blip_pretrain import fp32, itm_first_tokens, momentum_itc
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.losses import itm_loss, itm_negative_weights, sample_negatives
-from models.med import MED, concat_cross_kv, select_cross_kv
+from models.med import MED, select_cross_kv
 from models.momentum import FeatureQueue, all_gather_no_grad, all_gather_with_grad, copy_params
 from models.vit import create_vit
 
@@ -130,18 +130,15 @@ class BLIP_Retrieval(nn.Module):
             w_t2i = itm_negative_weights(text_feat.float() @ image_feat_world.float().T / temp, positive)
             neg_image, valid_image = self.negative_sampler(w_t2i)   # a negative image for each text
             neg_text, valid_text = self.negative_sampler(w_i2t)     # a negative text for each image
-        ids_all = torch.cat([ids, ids, ids_world[neg_text]])                                # [3B, L]
-        mask_all = torch.cat([mask, mask, mask_world[neg_text]])
-        # rows [positives; texts with negative images; negative texts with images]: each local image's
-        # cross-attention keys/values are projected once and used by its two rows
+        # each local image's cross-attention keys/values are projected once, for its text and its negative text
         image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
         if self.negative_all_rank:  # negatives from other ranks: project just the B chosen ones
             neg_kv = self.text_encoder.precompute_cross_kv(image_embeds_world[neg_image])
         else:
             neg_kv = select_cross_kv(image_kv, neg_image)
-        out = self.text_encoder(ids_all, attention_mask=mask_all, cross_kv=concat_cross_kv(image_kv, neg_kv, image_kv),
-                                mode='multimodal')
-        logits = self.itm_head(out.last_hidden_state[:, 0])                                 # [3B, 2]
+        first = itm_first_tokens(self.text_encoder, image_kv, neg_kv, ids, mask, ids_world[neg_text],
+                                 mask_world[neg_text])
+        logits = self.itm_head(first)                                                       # [3B, 2]
         labels = torch.cat([torch.ones(B, dtype=torch.long, device=ids.device),
                             torch.zeros(2 * B, dtype=torch.long, device=ids.device)])
         labels[B:] = labels[B:].masked_fill(~torch.cat([valid_image, valid_text]), -100)

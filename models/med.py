@@ -448,16 +448,10 @@ def autocast_context(states):
 def select_cross_kv(cross_kv: list, rows: torch.Tensor) -> list:
     """Per layer, the cross-attention (k, v) of image ``rows[j]`` for text row j.
 
-    ITM scores each image against several texts (its caption, a hard-negative caption, and any caption
-    whose hard-negative image it is): the image's keys/values are projected once (``precompute_cross_kv``)
-    and gathered per row, instead of projecting a gathered copy of the image tokens for every row.
-    Gradients flow back through the gather (summed per image), as they would through the copies."""
+    ITM pairs texts with hard-negative images drawn from the batch: their keys/values are gathered from the
+    batch's (projected once by ``precompute_cross_kv``) instead of projecting gathered copies of the image
+    tokens. Gradients flow back through the gather (summed per image), as they would through the copies."""
     return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cross_kv]
-
-
-def concat_cross_kv(*cross_kvs: list) -> list:
-    """Per layer, the rows of several ``cross_kv`` lists one after the other."""
-    return [(torch.cat([kv[0] for kv in layer]), torch.cat([kv[1] for kv in layer])) for layer in zip(*cross_kvs)]
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -104,6 +104,15 @@ def test_itm_negatives_never_share_the_image_id():
         assert (weights[idx[:, None] == idx[None, :]] == 0).all()
 
 
+def ids_and_mask(model, captions):
+    """The ITM texts as the original builds them: padded to 30 (pretraining) or 35 tokens, [ENC] first."""
+    text = model.tokenizer(captions, padding='max_length', truncation=True, return_tensors='pt',
+                           max_length=30 if isinstance(model, BLIP_Pretrain) else 35)
+    ids = text.input_ids.clone()
+    ids[:, 0] = model.tokenizer.enc_token_id
+    return ids, text.attention_mask
+
+
 @pytest.mark.parametrize('cls, kwargs', [(BLIP_Retrieval, {}), (BLIP_Retrieval, {'negative_all_rank': True}),
                                          (BLIP_Pretrain, {})], ids=['retrieval', 'retrieval_all_rank', 'pretrain'])
 def test_itm_and_lm_equal_the_passes_over_copied_image_tokens(cls, kwargs, monkeypatch):
@@ -118,7 +127,7 @@ def test_itm_and_lm_equal_the_passes_over_copied_image_tokens(cls, kwargs, monke
         if module is not None:
             def record(*args, _forward=module.forward, _name=name, **kw):
                 if kw.get('mode', 'multimodal') == 'multimodal':
-                    calls[_name] = (args, kw)
+                    calls.setdefault(_name, []).append((args, kw))
                 return _forward(*args, **kw)
             monkeypatch.setattr(module, 'forward', record)
     B = len(CAPTIONS)
@@ -130,14 +139,16 @@ def test_itm_and_lm_equal_the_passes_over_copied_image_tokens(cls, kwargs, monke
 
     E = image_embeds[0]
     (_, neg_image, valid_image), (_, neg_text, valid_text) = recorder.calls
-    (ids_all,), kw = calls['text_encoder']
-    out = model.text_encoder(ids_all, attention_mask=kw['attention_mask'], mode='multimodal',
+    # the original: one pass over [positives; texts with negative images; negative texts with their images]
+    ids, mask = ids_and_mask(model, CAPTIONS)
+    ids_all, mask_all = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
+    out = model.text_encoder(ids_all, attention_mask=mask_all, mode='multimodal',
                              encoder_hidden_states=torch.cat([E, E[neg_image], E]))
     labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)])
     labels[B:] = labels[B:].masked_fill(~torch.cat([valid_image, valid_text]), -100)
     reference = [itm_loss(model.itm_head(out.last_hidden_state[:, 0]), labels)]
     if cls is BLIP_Pretrain:
-        (dec_ids,), kw = calls['text_decoder']
+        (dec_ids,), kw = calls['text_decoder'][0]
         reference.append(model.text_decoder(dec_ids, attention_mask=kw['attention_mask'], encoder_hidden_states=E,
                                             labels=kw['labels'], loss_only=True).loss)
     want = torch.autograd.grad(sum(reference), params, allow_unused=True)
