@@ -46,7 +46,6 @@ def project(proj: nn.Linear, cls: torch.Tensor) -> torch.Tensor:
     return F.normalize(proj(cls).float(), dim=-1)
 
 
-
 def itm_first_tokens(text_encoder: MED, image_kv: list, neg_image_kv: list, ids, mask, neg_ids, neg_mask):
     """[3B, H] first-token states of the ITM rows, in the original's order: (image i, text i),
     (negative image of text i, text i), (image i, negative text of image i).
