@@ -116,20 +116,17 @@ def ids_and_mask(model, captions):
 @pytest.mark.parametrize('cls, kwargs', [(BLIP_Retrieval, {}), (BLIP_Retrieval, {'negative_all_rank': True}),
                                          (BLIP_Pretrain, {})], ids=['retrieval', 'retrieval_all_rank', 'pretrain'])
 def test_itm_and_lm_equal_the_passes_over_copied_image_tokens(cls, kwargs, monkeypatch):
-    """ITM (and pretraining's LM) project each image's tokens once and gather keys/values per row; the losses
-    and every gradient equal the original's passes over one copy of the image tokens per row."""
+    """ITM (and pretraining's LM) project each image's tokens to keys/values once; the losses and every gradient
+    equal the original's passes over one copy of the image tokens per row."""
     model = tiny(cls, med=MED_NO_DROPOUT, queue_size=12, **kwargs)   # no dropout: the reference is the same function
     model.negative_sampler = recorder = Recorder()
-    image_embeds, calls = [], {}
+    image_embeds, decoder_calls = [], []
     model.visual_encoder.register_forward_hook(lambda module, args, out: image_embeds.append(out))
-    for name in ('text_encoder', 'text_decoder'):
-        module = getattr(model, name, None)
-        if module is not None:
-            def record(*args, _forward=module.forward, _name=name, **kw):
-                if kw.get('mode', 'multimodal') == 'multimodal':
-                    calls.setdefault(_name, []).append((args, kw))
-                return _forward(*args, **kw)
-            monkeypatch.setattr(module, 'forward', record)
+    if cls is BLIP_Pretrain:  # the LM reference reuses the decoder's inputs (ids, mask, labels)
+        def record(*args, _forward=model.text_decoder.forward, **kw):
+            decoder_calls.append((args, kw))
+            return _forward(*args, **kw)
+        monkeypatch.setattr(model.text_decoder, 'forward', record)
     B = len(CAPTIONS)
     extra = (torch.arange(B),) if cls is BLIP_Retrieval else ()
     losses = model(images(B), CAPTIONS, 0.4, *extra)
@@ -148,7 +145,7 @@ def test_itm_and_lm_equal_the_passes_over_copied_image_tokens(cls, kwargs, monke
     labels[B:] = labels[B:].masked_fill(~torch.cat([valid_image, valid_text]), -100)
     reference = [itm_loss(model.itm_head(out.last_hidden_state[:, 0]), labels)]
     if cls is BLIP_Pretrain:
-        (dec_ids,), kw = calls['text_decoder'][0]
+        (dec_ids,), kw = decoder_calls[0]
         reference.append(model.text_decoder(dec_ids, attention_mask=kw['attention_mask'], encoder_hidden_states=E,
                                             labels=kw['labels'], loss_only=True).loss)
     want = torch.autograd.grad(sum(reference), params, allow_unused=True)
