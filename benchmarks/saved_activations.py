@@ -11,7 +11,9 @@ compare two runs on the same device, and read absolute bytes as an upper bound f
 """
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 import torch
 
@@ -82,8 +84,6 @@ def main(argv=None):
     print(f"{rec['workload']:<30} B={args.batch} amp={args.amp}: saved for backward {rec['saved_mib_per_image']:.1f} "
           f"MiB/img ({rec['saved_gib']:.2f} GiB)" + (f", {rec['gflop_per_image']:.1f} GFLOP/img fwd+bwd" if flops else ''))
     if args.json:
-        import json
-        import time
         rec['date'] = time.strftime('%Y-%m-%d')
         with open(args.json, 'a') as f:
             f.write(json.dumps(rec) + '\n')
