@@ -87,8 +87,7 @@ class _GraphedDecoder:
         x = self.bert.embeddings(self.tok, position_ids=self.pos[None])               # [R,1,H]
         for i, layer in enumerate(self.bert.encoder.layer):
             sa = layer.attention.self
-            q = sa.split_heads(sa.query(x))
-            k, v = sa.project_kv(x)
+            q, k, v = sa.project_qkv(x)
             self.cache.k[i].index_copy_(2, self.pos, k)
             self.cache.v[i].index_copy_(2, self.pos, v)
             h = attention(q, self.cache.k[i], self.cache.v[i], self.mask, 0.0, False)

@@ -40,8 +40,95 @@ def test_encoder_keys_equal_original_base_and_large_vision():
         encoder = MED(load_med_config('configs/med_config.json'))
         large = MED(load_med_config('configs/med_config.json', encoder_width=1024))
     assert shapes(encoder) == reference_keys('base', 'text_encoder.')
-    assert large.encoder.layer[0].crossattention.self.key.weight.shape == (768, 1024)
-    assert large.encoder.layer[0].crossattention.self.value.weight.shape == (768, 1024)
+    cross = large.encoder.layer[0].crossattention.self.state_dict()
+    assert cross['key.weight'].shape == (768, 1024) and cross['value.weight'].shape == (768, 1024)
+
+
+def _reference_order(name: str, prefix: str) -> list:
+    return [line.split('\t')[0][len(prefix):] for line in open(REF / f'{name}.txt')
+            if not line.startswith('#') and line.startswith(prefix)]
+
+
+def test_fused_projections_save_and_load_the_original_layout_in_its_order():
+    """qkv / kv parameters are written as the original query/key/value tensors, in the original key order,
+    and a file in that layout loads strictly back into the same parameters."""
+    torch.manual_seed(0)
+    decoder = MEDLMHeadModel(tiny())
+    sd = decoder.state_dict()
+    with torch.device('meta'):
+        full = MEDLMHeadModel(load_med_config('configs/med_config.json'))
+    assert list(full.state_dict()) == _reference_order('decoder', 'text_decoder.')
+    layer = decoder.bert.encoder.layer[1]
+    H = TINY_MED['hidden_size']
+    for i, name in enumerate(('query', 'key', 'value')):
+        assert torch.equal(sd[f'bert.encoder.layer.1.attention.self.{name}.weight'],
+                           layer.attention.self.qkv.weight[i * H:(i + 1) * H])
+        assert torch.equal(sd[f'bert.encoder.layer.1.attention.self.{name}.bias'],
+                           layer.attention.self.qkv.bias[i * H:(i + 1) * H])
+    assert torch.equal(sd['bert.encoder.layer.1.crossattention.self.query.weight'], layer.crossattention.self.query.weight)
+    assert torch.equal(sd['bert.encoder.layer.1.crossattention.self.value.weight'],
+                       layer.crossattention.self.kv.weight[H:])
+    assert not any('qkv' in k or '.kv.' in k for k in sd)
+    other = MEDLMHeadModel(tiny())
+    other.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
+    for (name, p), q in zip(decoder.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_fused_attention_equals_the_original_separate_projections():
+    """Self-attention (bidirectional, causal with cache) and cross-attention with fused projections give the
+    outputs of BERT's three separate projections (the original's computation, written out from its keys)."""
+    torch.manual_seed(0)
+    model = MED(tiny()).eval()
+    ids, mask, image = _inputs()
+    ours = model(ids, attention_mask=mask, encoder_hidden_states=image, is_decoder=True).last_hidden_state
+    h = TINY_MED['num_attention_heads']
+
+    def separate(att, x, context, causal):
+        w = att.state_dict()
+        heads = lambda t: t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
+        q = heads(torch.nn.functional.linear(x, w['query.weight'], w['query.bias']))
+        k = heads(torch.nn.functional.linear(context, w['key.weight'], w['key.bias']))
+        v = heads(torch.nn.functional.linear(context, w['value.weight'], w['value.bias']))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if causal:
+            L = x.shape[1]
+            allowed = torch.ones(L, L, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+            scores = scores.masked_fill(~allowed, float('-inf'))
+        out = scores.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(x.shape)
+
+    x = model.embeddings(ids)
+    for layer in model.encoder.layer:
+        x = layer.attention.output(separate(layer.attention.self, x, x, True), x)
+        x = layer.crossattention.output(separate(layer.crossattention.self, x, image, False), x)
+        x = layer.output(layer.intermediate(x), x)
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], x[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_partial_and_mismatched_loads_name_the_original_keys():
+    torch.manual_seed(0)
+    source, target = MED(tiny()), MED(tiny())
+    sd = source.state_dict()
+    key_w = 'encoder.layer.0.crossattention.self.key.weight'
+    before = target.encoder.layer[0].crossattention.self.kv.weight.detach().clone()
+    partial = {k: v for k, v in sd.items() if k != key_w}
+    result = target.load_state_dict(partial, strict=False)
+    assert result.missing_keys == [key_w] and result.unexpected_keys == []
+    kv = target.encoder.layer[0].crossattention.self.kv.weight
+    H = TINY_MED['hidden_size']
+    assert torch.equal(kv[:H], before[:H])                      # the part not in the file keeps its values
+    assert torch.equal(kv[H:], sd['encoder.layer.0.crossattention.self.value.weight'])
+    with pytest.raises(RuntimeError, match=key_w):
+        target.load_state_dict(partial, strict=True)
+    bad = dict(sd)
+    bad['encoder.layer.1.attention.self.query.weight'] = torch.zeros(H, H + 1)
+    with pytest.raises(RuntimeError, match=r'encoder\.layer\.1\.attention\.self\.query\.weight.*\(32, 33\)'):
+        target.load_state_dict(bad)
+    fused = {k: v.detach() for k, v in source.named_parameters()}   # the fused layout loads as it is
+    fused.update({k: v for k, v in source.named_buffers()})
+    assert target.load_state_dict(fused, strict=False).missing_keys == []
 
 
 def test_lm_head_is_tied_and_bias_stored_twice():
@@ -148,7 +235,8 @@ def test_image_rows_share_cross_attention_without_copies():
 
 def test_image_tokens_are_cast_once_under_autocast_with_the_same_outputs(monkeypatch):
     """Under bf16 autocast the fp32 image tokens are cast once per forward, not by each layer's key and value
-    projection (2 x layers copies kept for backward); the outputs are bit-identical."""
+    projection (one copy per layer, kept for backward, as key and value are one fused linear); the outputs
+    are bit-identical."""
     from torch.utils._python_dispatch import TorchDispatchMode
     import models.med as med
 
@@ -175,7 +263,7 @@ def test_image_tokens_are_cast_once_under_autocast_with_the_same_outputs(monkeyp
     once, n_once = run()
     monkeypatch.setattr(med, 'autocast_context', lambda states: states)
     per_projection, n_per_projection = run()
-    assert (n_once, n_per_projection) == (1, 6)
+    assert (n_once, n_per_projection) == (1, 3)
     assert torch.equal(once, per_projection)
 
 

@@ -43,6 +43,6 @@ def test_keys_shapes_dtypes_and_order_equal_original(name):
 def test_vit_large_cross_attention_reads_1024_wide_image_tokens():
     with torch.device('meta'):
         decoder = BLIP_Decoder(image_size=224, vit='large')
-    layer = decoder.text_decoder.bert.encoder.layer[0].crossattention.self
-    assert layer.key.weight.shape == (768, 1024) and layer.value.weight.shape == (768, 1024)
-    assert layer.query.weight.shape == (768, 768)
+    layer = decoder.text_decoder.bert.encoder.layer[0].crossattention.self.state_dict()
+    assert layer['key.weight'].shape == (768, 1024) and layer['value.weight'].shape == (768, 1024)
+    assert layer['query.weight'].shape == (768, 768)

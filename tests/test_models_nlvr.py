@@ -38,9 +38,10 @@ def reference_attention(att, x, context):
     """softmax(q k^T / sqrt(d)) v per head, written out."""
     B, L, H = x.shape
     h = att.heads
-    q = att.query(x).view(B, L, h, -1).transpose(1, 2)
-    k = att.key(context).view(B, context.shape[1], h, -1).transpose(1, 2)
-    v = att.value(context).view(B, context.shape[1], h, -1).transpose(1, 2)
+    w = att.state_dict()  # the original's separate query / key / value projections
+    q = F.linear(x, w['query.weight'], w['query.bias']).view(B, L, h, -1).transpose(1, 2)
+    k = F.linear(context, w['key.weight'], w['key.bias']).view(B, context.shape[1], h, -1).transpose(1, 2)
+    v = F.linear(context, w['value.weight'], w['value.bias']).view(B, context.shape[1], h, -1).transpose(1, 2)
     probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
     return (probs @ v).transpose(1, 2).reshape(B, L, H)
 

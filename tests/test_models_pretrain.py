@@ -50,9 +50,9 @@ def test_encoder_and_decoder_share_everything_but_self_attention():
     assert ptr(model.text_decoder.cls.predictions.decoder.weight) == ptr(dec.embeddings.word_embeddings.weight)
     for e, d in zip(enc.encoder.layer, dec.encoder.layer):
         assert e.crossattention is d.crossattention and e.intermediate is d.intermediate and e.output is d.output
-        assert ptr(e.crossattention.self.key.weight) == ptr(d.crossattention.self.key.weight)
+        assert ptr(e.crossattention.self.kv.weight) == ptr(d.crossattention.self.kv.weight)
         assert ptr(e.output.dense.weight) == ptr(d.output.dense.weight)
-        assert ptr(e.attention.self.query.weight) != ptr(d.attention.self.query.weight)
+        assert ptr(e.attention.self.qkv.weight) != ptr(d.attention.self.qkv.weight)
     assert model.text_encoder_m.embeddings is not enc.embeddings
     assert enc.embeddings.word_embeddings.num_embeddings == 30524 == model.text_encoder_m.config.vocab_size
 
@@ -84,7 +84,7 @@ def test_init_from_pretrained_maps_bert_and_vit_and_copies_momentum(tmp_path):
     torch.save({'model': vit_sd}, tmp_path / 'vit.pth')
 
     model = tiny_pretrain()
-    cross_before = model.text_encoder.encoder.layer[1].crossattention.self.key.weight.clone()
+    cross_before = model.text_encoder.encoder.layer[1].crossattention.self.kv.weight.clone()
     init_from_pretrained(model, vit_source=str(tmp_path / 'vit.pth'), bert_source=str(tmp_path / 'bert'))
     b = bert.state_dict()
     enc, dec = model.text_encoder, model.text_decoder
@@ -92,10 +92,10 @@ def test_init_from_pretrained_maps_bert_and_vit_and_copies_momentum(tmp_path):
     assert torch.equal(enc.embeddings.word_embeddings.weight[:30522], b['bert.embeddings.word_embeddings.weight'])
     for i in range(2):
         q = b[f'bert.encoder.layer.{i}.attention.self.query.weight']
-        assert torch.equal(enc.encoder.layer[i].attention.self.query.weight, q)     # both self-attentions
-        assert torch.equal(dec.bert.encoder.layer[i].attention.self.query.weight, q)
+        assert torch.equal(enc.encoder.layer[i].attention.self.state_dict()['query.weight'], q)  # both self-attentions
+        assert torch.equal(dec.bert.encoder.layer[i].attention.self.state_dict()['query.weight'], q)
         assert torch.equal(enc.encoder.layer[i].output.dense.weight, b[f'bert.encoder.layer.{i}.output.dense.weight'])
-    assert torch.equal(enc.encoder.layer[1].crossattention.self.key.weight, cross_before)  # stays random
+    assert torch.equal(enc.encoder.layer[1].crossattention.self.kv.weight, cross_before)  # stays random
     pred = dec.cls.predictions
     assert torch.equal(pred.transform.dense.weight, b['cls.predictions.transform.dense.weight'])
     assert torch.equal(pred.bias[:30522], b['cls.predictions.bias']) and pred.bias[30522:].abs().sum() == 0
@@ -134,7 +134,7 @@ def test_pretrain_checkpoint_loads_into_every_downstream_model(pretrain_checkpoi
     assert set(msg.missing_keys) == {'idx_queue', 'ptr_queue'}          # not in a pretrain checkpoint
     assert set(msg.unexpected_keys) == decoder_keys | {'queue_ptr'}
     assert torch.equal(retrieval.image_queue, sd['image_queue'])
-    assert torch.equal(retrieval.text_encoder_m.encoder.layer[0].attention.self.key.weight,
+    assert torch.equal(retrieval.text_encoder_m.encoder.layer[0].attention.self.state_dict()['key.weight'],
                        sd['text_encoder_m.encoder.layer.0.attention.self.key.weight'])
 
     other_size, msg = load_checkpoint(BLIP_Retrieval(**KW, embed_dim=16, queue_size=16), str(path))
@@ -148,7 +148,7 @@ def test_pretrain_checkpoint_loads_into_every_downstream_model(pretrain_checkpoi
     decoder, msg = load_checkpoint(BLIP_Decoder(**KW), str(path))
     assert msg.missing_keys == []
     assert set(msg.unexpected_keys) == set(sd) - prefixed(sd, 'visual_encoder.', 'text_decoder.')
-    assert torch.equal(decoder.text_decoder.bert.encoder.layer[1].crossattention.self.value.weight,
+    assert torch.equal(decoder.text_decoder.bert.encoder.layer[1].crossattention.self.state_dict()['value.weight'],
                        sd['text_decoder.bert.encoder.layer.1.crossattention.self.value.weight'])
     base, msg = load_checkpoint(BLIP_Base(**KW), str(path))
     assert msg.missing_keys == []

@@ -42,8 +42,8 @@ def test_keys_equal_original_and_large_decoder_stays_768_wide():
         large = BLIP_VQA(image_size=224, vit='large')
     assert shapes(base) == reference_shapes('vqa')
     # quirk 6: the encoder reads 1024-wide image tokens, the decoder 768-wide question states
-    assert large.text_encoder.encoder.layer[0].crossattention.self.key.weight.shape == (768, 1024)
-    assert large.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight.shape == (768, 768)
+    assert large.text_encoder.encoder.layer[0].crossattention.self.state_dict()['key.weight'].shape == (768, 1024)
+    assert large.text_decoder.bert.encoder.layer[0].crossattention.self.state_dict()['key.weight'].shape == (768, 768)
 
 
 def one_answer(model, answer: str) -> torch.Tensor:
@@ -112,8 +112,7 @@ def test_training_loss_equals_formula(model, n):
 def test_generate_honours_question_padding_by_default():
     model = tiny_vqa(seed=0).eval()
     for layer in model.text_decoder.bert.encoder.layer:  # make answers depend strongly on the question states
-        layer.crossattention.self.key.weight.mul_(30)
-        layer.crossattention.self.value.weight.mul_(30)
+        layer.crossattention.self.kv.weight.mul_(30)   # key and value
     image = images(2)
     batched = model(image, QUESTIONS, train=False, inference='generate')   # QUESTIONS[0] is padded
     alone = model(image[:1], QUESTIONS[:1], train=False, inference='generate')
