@@ -62,7 +62,7 @@ class _Decoder:
 class _GraphedDecoder:
     """``_Decoder`` whose decode steps (one new token per row) replay one captured CUDA graph.
 
-    Eager decoding of the base model is host-bound on a GPU (~275 kernel launches per step). Here the
+    Eager decoding of the base model is host-bound on a GPU (~264 kernel launches per step). Here the
     prompt step runs eagerly into a preallocated ``KVCache``; every later step is one static computation
     (token and position in fixed buffers, new K/V written with ``index_copy_``, self-attention over all
     ``max_length`` slots with an additive mask: 0 up to the current position, -inf beyond, i.e. exactly
