@@ -217,7 +217,7 @@ def _merge_fused_state(module: nn.Module, state_dict: dict, prefix: str, local_m
             for key, own in zip(keys, current):
                 if key not in state_dict:
                     missing_keys.append(key)
-                    chunks.append(own)
+                    chunks.append(None)
                     continue
                 value = state_dict.pop(key)
                 if value.shape != own.shape:
@@ -226,7 +226,11 @@ def _merge_fused_state(module: nn.Module, state_dict: dict, prefix: str, local_m
                     ok = False
                 chunks.append(value)
             if ok:
-                state_dict[fused_key] = torch.cat([c.to(device=own.device) for c in chunks], 0)
+                # parts from the file stay where they are (load copies them to the parameter's device, or
+                # assigns them); parts the file lacks are the current values, brought to the file's device
+                device = next((c.device for c in chunks if c is not None), current[0].device)
+                state_dict[fused_key] = torch.cat(
+                    [own.to(device) if c is None else c for c, own in zip(chunks, current)], 0)
 
 
 class Attention(nn.Module):

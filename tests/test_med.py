@@ -126,6 +126,10 @@ def test_partial_and_mismatched_loads_name_the_original_keys():
     bad['encoder.layer.1.attention.self.query.weight'] = torch.zeros(H, H + 1)
     with pytest.raises(RuntimeError, match=r'encoder\.layer\.1\.attention\.self\.query\.weight.*\(32, 33\)'):
         target.load_state_dict(bad)
+    with torch.device('meta'):                                      # load by assignment into an empty model
+        empty = MED(tiny())
+    assert empty.load_state_dict(sd, assign=True).missing_keys == []
+    assert torch.equal(empty.encoder.layer[0].attention.self.qkv.weight, source.encoder.layer[0].attention.self.qkv.weight)
     fused = {k: v.detach() for k, v in source.named_parameters()}   # the fused layout loads as it is
     fused.update({k: v for k, v in source.named_buffers()})
     assert target.load_state_dict(fused, strict=False).missing_keys == []
