@@ -70,7 +70,9 @@ def _batches_from(loader, start_step: int):
 
 
 def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, float]:
-    values = {k: float(v.detach().float()) for k, v in losses.items()}
+    # one device->host read for all losses (each float() would wait for the device separately)
+    read = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist() if losses else []
+    values = dict(zip(losses, read))
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteLossError(f'non-finite loss at epoch {epoch} step {step}: {bad} (all losses: {values}); '
