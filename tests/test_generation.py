@@ -155,3 +155,33 @@ def test_cuda_graph_decoding_path_gives_the_same_captions(mode, monkeypatch):
         captions.append(model.generate(image, max_length=12, min_length=4, cuda_graph=graph, **kwargs))
     assert built == [1]   # the static path ran, once
     assert captions[0] == captions[1] and len(captions[0]) == 3 * kwargs.get('num_return_sequences', 1)
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_a_decode_step_runs_one_projection_per_attention_input(decoder, amp):
+    """Launch count of a cached decode step (a GPU's eager decoding is bound by it): per layer one fused
+    query/key/value product and one cross-attention query product (image keys/values come precomputed),
+    two output products and two FFN products; under autocast one cast per product input that is fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layers = TINY_MED['num_hidden_layers']
+    image = torch.randn(2, 5, TINY_MED['encoder_width'])
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        cross_kv = decoder.bert.precompute_cross_kv(image)
+        first = decoder.bert(prompts(2), cross_kv=cross_kv, use_cache=True, is_decoder=True)
+        with Count() as count:
+            decoder.bert(prompts(2)[:, -1:], past_key_values=first.past_key_values, cross_kv=cross_kv,
+                         use_cache=True, is_decoder=True)
+    products = [op for op in count.ops if op in ('addmm', 'mm', '_linear_pointwise')]  # bmm: CPU math attention
+    assert len(products) == 6 * layers
+    if amp:  # the inputs of the fused projection, the cross query and the FFN (LayerNorm outputs are fp32)
+        assert count.ops.count('_to_copy') == 3 * layers
