@@ -186,7 +186,8 @@ def _split_fused_state(module: nn.Module, state_dict: dict, prefix: str, local_m
         for suffix in ('weight', 'bias'):
             chunks = state_dict.pop(f'{prefix}{fused}.{suffix}').chunk(len(names), 0)
             parts.update({f'{name}.{suffix}': chunk for name, chunk in zip(names, chunks)})
-    for name in ('query', 'key', 'value'):        # the original order (the query module saves itself for 'kv')
+    # re-inserted in the original order; a cross-attention's query is its own module (already saved, moved too)
+    for name in ('query', 'key', 'value'):
         for suffix in ('weight', 'bias'):
             key = f'{prefix}{name}.{suffix}'
             if f'{name}.{suffix}' in parts:
