@@ -13,7 +13,7 @@ import random
 
 import torch
 
-from common import (autocast, check, count_flops, finish_args, hf_twin, med_spec, parser, report,
+from common import (autocast, check, count_flops, device_busy, finish_args, hf_twin, med_spec, parser, report,
                     time_fn, vit_spec)
 from models.blip import BLIP_Decoder
 
@@ -48,6 +48,8 @@ def main(argv=None):
     p = parser('BLIP caption training step (fwd+bwd+AdamW)', batch=32, image_size=384)
     p.add_argument('--vit', default='base', choices=['base', 'large'])
     p.add_argument('--ckpt-layer', type=int, default=0, help='gradient-checkpoint the last N ViT blocks')
+    p.add_argument('--profile', action='store_true',
+                   help='also report kernels per step and device-busy time (is the step host-bound?)')
     args = finish_args(p.parse_args(argv))
     dev = args.device
     model = build(args)
@@ -85,7 +87,9 @@ def main(argv=None):
     step = make_step(model, lambda: model(image, caps))
     flops = None if args.no_flops else count_flops(step)
     name = 'caption_train' + ('' if args.vit == 'base' else f'_vit{args.vit}_ckpt{args.ckpt_layer}')
-    results.append(report(args, name, 'ours', time_fn(step, args), args.batch, flops=flops))
+    timing = time_fn(step, args)
+    extra = device_busy(step, args, timing['median_s']) if args.profile else None
+    results.append(report(args, name, 'ours', timing, args.batch, flops=flops, extra=extra))
     del step
     if hf is not None:
         model.cpu()

@@ -115,6 +115,37 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
+def device_busy(fn: Callable[[], object], args, median_s: float, steps: int = 3) -> dict:
+    """Kernels per step and the time the device spends running them (union of kernel intervals, profiler).
+
+    Over ``median_s`` (the unprofiled step time) this says whether a step is host-bound: a device busy for a
+    small fraction of the step waits for the host to launch work. CPU runs report the profiled wall time only.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == 'cuda' else [])
+    fn()
+    sync(args.device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(args.device)
+        wall = time.perf_counter() - t0
+    out = {'profiled_ms_per_step': 1e3 * wall / steps}
+    if args.device == 'cuda':
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy, end = 0.0, float('-inf')
+        for start, stop in spans:  # union of intervals, in microseconds
+            if stop > end:
+                busy += stop - max(start, end)
+                end = stop
+        out.update(device_kernels_per_step=len(spans) / steps, device_busy_ms_per_step=busy / 1e3 / steps,
+                   device_busy_fraction=busy / 1e6 / steps / median_s)
+    print('profile:', {k: round(v, 3) for k, v in out.items()}, flush=True)
+    return out
+
+
 _RATE_CACHE: dict = {}
 
 

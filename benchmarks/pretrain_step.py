@@ -17,13 +17,15 @@ import sys
 import torch
 
 from caption_train import captions
-from common import autocast, count_flops, finish_args, med_spec, parser, report, time_fn, vit_spec
+from common import autocast, count_flops, device_busy, finish_args, med_spec, parser, report, time_fn, vit_spec
 
 
 def main(argv=None):
     p = parser('BLIP pretraining step (ITC+ITM+LM, fwd+bwd+AdamW)', batch=64, image_size=224)
     p.add_argument('--queue-size', type=int, default=None, help='default 57600 (base) / 64 (tiny)')
     p.add_argument('--alpha', type=float, default=0.4)
+    p.add_argument('--profile', action='store_true',
+                   help='also report kernels per step and device-busy time (is the step host-bound?)')
     args = finish_args(p.parse_args(argv))
     try:
         from models.blip_pretrain import blip_pretrain
@@ -50,8 +52,11 @@ def main(argv=None):
         return loss
 
     flops = None if args.no_flops else count_flops(step)
-    return [report(args, 'pretrain_step', 'ours', time_fn(step, args), args.batch, flops=flops,
-                   extra={'queue_size': queue})]
+    timing = time_fn(step, args)
+    extra = {'queue_size': queue}
+    if args.profile:
+        extra.update(device_busy(step, args, timing['median_s']))
+    return [report(args, 'pretrain_step', 'ours', timing, args.batch, flops=flops, extra=extra)]
 
 
 if __name__ == '__main__':

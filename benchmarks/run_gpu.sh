@@ -15,9 +15,9 @@ run() { echo "### $*" | tee -a "$LOG"; timeout "${T:-240}" $PY "$@" 2>&1 | grep 
 RR=${RERANK_IMAGES:-48}; NI=${N_IMAGES:-5000}; CK=${CHECK_K:-256}
 if [ -n "${QUICK:-}" ]; then  # the open items of issue 7 only (about 6 minutes on an H100)
   run caption_generate.py $C --amp bf16 --batches 32,1 --compare-hf --interleave --cuda-graph --iters 10 --warmup 2
-  run pretrain_step.py $C --amp bf16
+  run pretrain_step.py $C --amp bf16 --profile              # --profile: device-busy fraction (host-bound?)
   run saved_activations.py $C --amp bf16 --workload pretrain --batch 64 --no-flops
-  run caption_train.py $C --amp bf16                       # fused projections since the 372 img/s run
+  run caption_train.py $C --amp bf16 --profile             # fused projections since the 372 img/s run
   run kernel_count.py $C --amp bf16 --workload decode --batch 32   # 264 counted on the CPU
   echo "### done" | tee -a "$LOG"; exit 0
 fi
