@@ -50,6 +50,8 @@ def parser(description: str, batch: int, image_size: int) -> argparse.ArgumentPa
     p.add_argument('--json', default=None, help='append one JSON line per result to this file')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU runs)')
     p.add_argument('--no-flops', action='store_true', help='skip the FlopCounterMode pass')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile each ViT block and MED layer (models.compile; warm-up compiles)')
     p.set_defaults(default_image_size=image_size)
     return p
 
@@ -74,6 +76,13 @@ def vit_spec(size: str):
 
 def med_spec(size: str, config='configs/med_config.json'):
     return str(REPO / config) if size == 'base' else dict(TINY_MED)
+
+
+def maybe_compile(model: torch.nn.Module, args) -> torch.nn.Module:
+    if args.compile:
+        from models.compile import compile_layers
+        print(f'compiled {compile_layers(model)} ViT blocks / MED layers', flush=True)
+    return model
 
 
 def autocast(args) -> contextlib.AbstractContextManager:

@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--attention-dropout', action='store_true', help='keep attention dropout (CPU math attention)')
+    p.add_argument('--compile', action='store_true', help='regional torch.compile (models.compile)')
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -44,6 +45,9 @@ def main(argv=None):
                                                                                               is_causal)
     model = blip_pretrain(med_config=dict(MED), image_size=64, vit=dict(VIT),
                           queue_size=64 - 64 % args.batch).train()
+    if args.compile:
+        from models.compile import compile_layers
+        compile_layers(model)
     text = [c[len('a picture of '):] for c in captions(args.batch, seed=1)]
     image = torch.randn(args.batch, 3, 64, 64)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, foreach=True)
@@ -63,6 +67,7 @@ def main(argv=None):
         step()
         times.append(time.perf_counter() - t)
     rec = {'workload': 'narrow_pretrain_step', 'batch': args.batch, 'attention_dropout': args.attention_dropout,
+           'compile': args.compile,
            'ms_per_step': round(1000 * statistics.median(times), 1), 'date': time.strftime('%Y-%m-%d')}
     print(json.dumps(rec))
     return rec

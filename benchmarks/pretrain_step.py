@@ -17,7 +17,8 @@ import sys
 import torch
 
 from caption_train import captions
-from common import autocast, count_flops, device_busy, finish_args, med_spec, parser, report, time_fn, vit_spec
+from common import (autocast, count_flops, device_busy, finish_args, maybe_compile, med_spec, parser, report,
+                    time_fn, vit_spec)
 
 
 def main(argv=None):
@@ -37,6 +38,7 @@ def main(argv=None):
     queue -= queue % args.batch  # the original asserts queue_size % batch == 0
     model = blip_pretrain(med_config=med_spec(args.size, 'configs/bert_config.json'), image_size=args.image_size,
                           vit=vit_spec(args.size), queue_size=queue).to(dev).train()
+    maybe_compile(model, args)
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)
     caps = [c[len('a picture of '):] for c in captions(args.batch, seed=1)]
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=3e-4, weight_decay=0.05,
@@ -56,7 +58,8 @@ def main(argv=None):
     extra = {'queue_size': queue}
     if args.profile:
         extra.update(device_busy(step, args, timing['median_s']))
-    return [report(args, 'pretrain_step', 'ours', timing, args.batch, flops=flops, extra=extra)]
+    impl = 'ours_compiled' if args.compile else 'ours'
+    return [report(args, 'pretrain_step', impl, timing, args.batch, flops=flops, extra=extra)]
 
 
 if __name__ == '__main__':

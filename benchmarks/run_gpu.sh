@@ -13,9 +13,10 @@ run() { echo "### $*" | tee -a "$LOG"; timeout "${T:-240}" $PY "$@" 2>&1 | grep 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
   $PY -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)"; } | tee -a "$LOG"
 RR=${RERANK_IMAGES:-48}; NI=${N_IMAGES:-5000}; CK=${CHECK_K:-256}
-if [ -n "${QUICK:-}" ]; then  # the open items of issue 7 only (about 6 minutes on an H100)
+if [ -n "${QUICK:-}" ]; then  # the open items of issue 7 only (about 8 minutes on an H100)
   run caption_generate.py $C --amp bf16 --batches 32,1 --compare-hf --interleave --cuda-graph --iters 10 --warmup 2
   run pretrain_step.py $C --amp bf16 --profile              # --profile: device-busy fraction (host-bound?)
+  T=480 run pretrain_step.py $C --amp bf16 --profile --compile --no-flops --warmup 5   # regional torch.compile
   run saved_activations.py $C --amp bf16 --workload pretrain --batch 64 --no-flops
   run caption_train.py $C --amp bf16 --profile             # fused projections since the 372 img/s run
   run kernel_count.py $C --amp bf16 --workload decode --batch 32   # 264 counted on the CPU

@@ -25,6 +25,7 @@ from engine.config import CommonConfig, add_common_args, load_config, save_confi
 from engine.logging import JsonLogger
 from engine.loop import AMP_DTYPES, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
+from models.compile import compile_layers
 
 __all__ = ['CommonConfig', 'Run', 'StepContext', 'cosine_epoch_lr', 'gather_objects', 'progress']
 
@@ -147,6 +148,10 @@ class Run:
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._maybe_resume()
+        if self.config.compile:
+            n = compile_layers(model)
+            if self.is_main:
+                print(f'compile: {n} ViT blocks / MED layers compiled with torch.compile (first steps compile)')
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == 'cuda' else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,

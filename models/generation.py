@@ -188,6 +188,7 @@ class _Hypotheses:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance('force_eager')  # layers compiled for training (models.compile) decode eagerly
 def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_states,
              encoder_attention_mask: Optional[torch.Tensor] = None, *, sample: bool = False, num_beams: int = 1,
              max_length: int = 30, min_length: int = 0, top_p: float = 1.0, top_k: int = 50,

@@ -114,6 +114,28 @@ def test_cuda_graph_config_key_gives_the_same_captions(toy, tmp_path, monkeypatc
     assert files[0] == files[1] and len(files[0][0]) > 0
 
 
+def test_compile_config_key_compiles_the_layers_and_trains(toy, tmp_path, monkeypatch):
+    """``compile: true`` compiles every ViT block and MED layer before training (dynamo's eager backend here:
+    inductor's code generation takes minutes on a CPU); training, evaluation and captioning run through."""
+
+    import train_caption
+    from engine import runner
+    from models.compile import compile_layers
+    from torch._dynamo.utils import counters
+    compiled = []
+    monkeypatch.setattr(runner, 'compile_layers',
+                        lambda model: compiled.append(compile_layers(model, backend='eager')) or compiled[-1])
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        train_caption.main(argv('train_caption', toy, tmp_path) + ['compile=True'])
+    finally:
+        torch._dynamo.reset()
+    assert compiled and compiled[0] > 0
+    assert counters['stats']['calls_captured'] > 0 and not counters['graph_break']
+    check_outputs('train_caption', tmp_path)
+
+
 def _torchrun(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
