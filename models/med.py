@@ -245,7 +245,8 @@ class Attention(nn.Module):
     read instead of three or two; fewer kernel launches per decode step). ``state_dict`` and
     ``load_state_dict`` keep the original layout (``query.*``, ``key.*``, ``value.*``) through hooks, so
     official checkpoints load strictly and files we save are the original's; ``named_parameters`` shows
-    the fused names.
+    the fused names. The original-layout tensors are views of the fused parameters (no copies), so
+    safetensors' ``save_file`` needs them cloned (``torch.save`` stores the shared storage once).
     """
 
     def __init__(self, cfg: MEDConfig, kv_width: int, cross: bool = False):
