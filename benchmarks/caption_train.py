@@ -13,7 +13,7 @@ import random
 
 import torch
 
-from common import (autocast, check, count_flops, device_busy, finish_args, hf_twin, maybe_compile, med_spec,
+from common import (add_step_args, autocast, check, count_flops, device_busy, finish_args, hf_twin, maybe_compile, med_spec,
                     parser, report, time_fn, vit_spec)
 from models.blip import BLIP_Decoder
 
@@ -48,9 +48,7 @@ def main(argv=None):
     p = parser('BLIP caption training step (fwd+bwd+AdamW)', batch=32, image_size=384)
     p.add_argument('--vit', default='base', choices=['base', 'large'])
     p.add_argument('--ckpt-layer', type=int, default=0, help='gradient-checkpoint the last N ViT blocks')
-    p.add_argument('--profile', action='store_true',
-                   help='also report kernels per step and device-busy time (is the step host-bound?)')
-    args = finish_args(p.parse_args(argv))
+    args = finish_args(add_step_args(p).parse_args(argv))
     dev = args.device
     model = build(args)
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)

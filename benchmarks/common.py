@@ -50,8 +50,6 @@ def parser(description: str, batch: int, image_size: int) -> argparse.ArgumentPa
     p.add_argument('--json', default=None, help='append one JSON line per result to this file')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU runs)')
     p.add_argument('--no-flops', action='store_true', help='skip the FlopCounterMode pass')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile each ViT block and MED layer (models.compile; warm-up compiles)')
     p.set_defaults(default_image_size=image_size)
     return p
 
@@ -76,6 +74,25 @@ def vit_spec(size: str):
 
 def med_spec(size: str, config='configs/med_config.json'):
     return str(REPO / config) if size == 'base' else dict(TINY_MED)
+
+
+def add_step_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of the training-step benchmarks (``pretrain_step.py``, ``caption_train.py``)."""
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile each ViT block and MED layer (models.compile; warm-up compiles)')
+    p.add_argument('--profile', action='store_true',
+                   help='also report kernels per step and device-busy time (is the step host-bound?)')
+    return p
+
+
+def without_attention_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Attention-probability dropout off, so that CPU attention is one fused operator as on a GPU (the CPU
+    runs attention with dropout as its math composite); counts and host times then carry to the GPU."""
+    from models.med import Attention
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.dropout_p = 0.0
+    return model
 
 
 def maybe_compile(model: torch.nn.Module, args) -> torch.nn.Module:
@@ -132,8 +149,7 @@ def device_busy(fn: Callable[[], object], args, median_s: float, steps: int = 3)
     """
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == 'cuda' else [])
-    fn()
-    sync(args.device)
+    sync(args.device)  # called after time_fn: already warm
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):

@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import autocast, environment, finish_args, med_spec, parser, vit_spec
+from common import autocast, environment, finish_args, med_spec, parser, vit_spec, without_attention_dropout
 
 # operators that run no kernel: tensor metadata, allocation, autograd bookkeeping
 _NO_KERNEL = {'detach', 'alias', '_unsafe_view', 'lift_fresh', 'empty', 'empty_like', 'empty_strided', 'new_empty',
@@ -88,6 +88,8 @@ def train_counts(args) -> dict:
     from saved_activations import build
     model, forward = build(args)
     model.to(args.device).train()
+    if args.no_attention_dropout:
+        without_attention_dropout(model)
     counter = CountKernels()
     with counter:
         with autocast(args):
@@ -103,12 +105,15 @@ def train_counts(args) -> dict:
 def main(argv=None):
     p = parser('kernel launches per decode step / training step (device-independent)', batch=1, image_size=0)
     p.add_argument('--workload', choices=['decode', 'caption', 'pretrain', 'retrieval'], default='decode')
+    p.add_argument('--no-attention-dropout', action='store_true',
+                   help='training counts with attention as one fused operator, as on a GPU (CPU runs)')
     p.add_argument('--label', default='', help='free text stored with the result (e.g. the git revision)')
     args = p.parse_args(argv)
     args.default_image_size = 224 if args.workload == 'pretrain' else 384
     args = finish_args(args)
     counts = decode_counts(args) if args.workload == 'decode' else train_counts(args)
-    rec = {'workload': f'{args.workload}_kernel_count', 'label': args.label, 'device': args.device,
+    rec = {'workload': f'{args.workload}_kernel_count', 'label': args.label,
+           'attention_dropout': not args.no_attention_dropout, 'device': args.device,
            'amp': args.amp, 'size': args.size, 'batch': args.batch, 'image_size': args.image_size, **counts,
            'env': environment(args.device), 'date': time.strftime('%Y-%m-%d')}
     print(json.dumps({k: v for k, v in rec.items() if k != 'env'}))

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import REPO  # noqa: F401  (puts the repository on sys.path)
+from common import maybe_compile, without_attention_dropout  # (also puts the repository on sys.path)
 from caption_train import captions
 
 MED = {'hidden_size': 64, 'num_hidden_layers': 12, 'num_attention_heads': 2, 'intermediate_size': 128,
@@ -37,17 +37,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    import models.med as med
     from models.blip_pretrain import blip_pretrain
-    if not args.attention_dropout:
-        attention = med.attention
-        med.attention = lambda q, k, v, mask=None, dropout_p=0.0, is_causal=False: attention(q, k, v, mask, 0.0,
-                                                                                              is_causal)
     model = blip_pretrain(med_config=dict(MED), image_size=64, vit=dict(VIT),
                           queue_size=64 - 64 % args.batch).train()
-    if args.compile:
-        from models.compile import compile_layers
-        compile_layers(model)
+    if not args.attention_dropout:
+        without_attention_dropout(model)
+    maybe_compile(model, args)
     text = [c[len('a picture of '):] for c in captions(args.batch, seed=1)]
     image = torch.randn(args.batch, 3, 64, 64)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, foreach=True)

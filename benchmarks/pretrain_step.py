@@ -17,7 +17,7 @@ import sys
 import torch
 
 from caption_train import captions
-from common import (autocast, count_flops, device_busy, finish_args, maybe_compile, med_spec, parser, report,
+from common import (add_step_args, autocast, count_flops, device_busy, finish_args, maybe_compile, med_spec, parser, report,
                     time_fn, vit_spec)
 
 
@@ -25,9 +25,7 @@ def main(argv=None):
     p = parser('BLIP pretraining step (ITC+ITM+LM, fwd+bwd+AdamW)', batch=64, image_size=224)
     p.add_argument('--queue-size', type=int, default=None, help='default 57600 (base) / 64 (tiny)')
     p.add_argument('--alpha', type=float, default=0.4)
-    p.add_argument('--profile', action='store_true',
-                   help='also report kernels per step and device-busy time (is the step host-bound?)')
-    args = finish_args(p.parse_args(argv))
+    args = finish_args(add_step_args(p).parse_args(argv))
     try:
         from models.blip_pretrain import blip_pretrain
     except ImportError as e:
