@@ -15,6 +15,7 @@ run() { echo "### $*" | tee -a "$LOG"; timeout "${T:-240}" $PY "$@" 2>&1 | grep 
 RR=${RERANK_IMAGES:-48}; NI=${N_IMAGES:-5000}; CK=${CHECK_K:-256}
 if [ -n "${QUICK:-}" ]; then  # the open items of issue 7 only (about 8 minutes on an H100)
   run caption_generate.py $C --amp bf16 --batches 32,1 --compare-hf --interleave --cuda-graph --iters 10 --warmup 2
+  run graph_decode.py $C --amp bf16 --batches 32,1          # kept graph vs calls that each capture
   run pretrain_step.py $C --amp bf16 --profile              # --profile: device-busy fraction (host-bound?)
   T=480 run pretrain_step.py $C --amp bf16 --profile --compile --no-flops --warmup 5   # regional torch.compile
   run saved_activations.py $C --amp bf16 --workload pretrain --batch 64 --no-flops

@@ -10,6 +10,7 @@ so the same weights give the same tokens as the original. What differs is the wo
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -59,6 +60,60 @@ class _Decoder:
             self.past = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.past]
 
 
+class _StaticStep:
+    """What a ``_GraphedDecoder`` keeps between ``generate`` calls: the static buffers its decode step reads
+    and writes, and the CUDA graph captured over them.
+
+    Capturing costs about two eager decode steps (a warm-up and the recorded run) plus instantiating a
+    graph of ~260 kernels; with this kept, a later call with the same shapes only copies its image
+    keys/values into the buffers and replays. ``key`` says when a kept one still fits: rows, cache length,
+    image tokens, dtypes, autocast, and the storage of every decoder parameter (a graph reads parameters
+    where they were at capture, so ``model.to(...)`` or ``load_state_dict(assign=True)`` must not reuse it;
+    in-place updates such as an optimizer step are read at each replay).
+    """
+
+    def __init__(self, key: tuple, cache: KVCache, cross_kv: list):
+        self.key, self.cache, self.cross_kv = key, cache, cross_kv
+        self.tok = self.pos = self.mask = self.out = None
+        self.graph = None   # torch.cuda.CUDAGraph, or _EagerGraph off the GPU
+
+    def load(self, cross_kv: list) -> None:
+        """Start a new call: its image keys/values into the captured buffers, an empty cache."""
+        for (k, v), (k_new, v_new) in zip(self.cross_kv, cross_kv):
+            k.copy_(k_new)
+            v.copy_(v_new)
+        self.cache.length = 0
+
+
+class _EagerGraph:
+    """Off the GPU, a stand-in for a captured graph: the tensors bound at capture, which every eager 'replay'
+    runs the step on, as a CUDA graph does (a buffer replaced instead of written in place would be missed in
+    both). Holds no reference to the decoder, so the kept state does not keep the model alive."""
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+
+# one kept static step per decoder, while it is in eval mode (MEDLMHeadModel.train releases it)
+_STATIC_STEPS: 'weakref.WeakKeyDictionary[MEDLMHeadModel, _StaticStep]' = weakref.WeakKeyDictionary()
+
+
+def release_static_decoding(decoder: Optional[MEDLMHeadModel] = None) -> None:
+    """Free the buffers and CUDA graph kept for ``decoder``'s decoding (every decoder's if None)."""
+    if decoder is None:
+        _STATIC_STEPS.clear()
+    else:
+        _STATIC_STEPS.pop(decoder, None)
+
+
+def _static_key(decoder: MEDLMHeadModel, cross_kv: list, rows: int, max_length: int) -> tuple:
+    k = cross_kv[0][0]
+    device = k.device.type
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    params = tuple((p.data_ptr(), p.dtype) for p in decoder.parameters())
+    return rows, max_length, tuple(k.shape), k.dtype, str(k.device), amp, decoder.training, params
+
+
 class _GraphedDecoder:
     """``_Decoder`` whose decode steps (one new token per row) replay one captured CUDA graph.
 
@@ -66,10 +121,11 @@ class _GraphedDecoder:
     prompt step runs eagerly into a preallocated ``KVCache``; every later step is one static computation
     (token and position in fixed buffers, new K/V written with ``index_copy_``, self-attention over all
     ``max_length`` slots with an additive mask: 0 up to the current position, -inf beyond, i.e. exactly
-    zero probability for unused slots), captured at the first such step of each ``generate`` call with the
-    autocast weight-cast cache disabled (the graph owns its casts) and replayed afterwards. Off the GPU the
-    same static step runs eagerly. Same function as ``_Decoder``; the attention kernel differs (masked
-    memory-efficient vs flash), so bf16 logits can differ in the last bits.
+    zero probability for unused slots), captured at the first such step with the autocast weight-cast
+    cache disabled (the graph owns its casts) and replayed afterwards. The buffers and the graph are kept
+    for the next call with the same shapes (``_StaticStep``). Off the GPU the same static step runs
+    eagerly. Same function as ``_Decoder``; the attention kernel differs (masked memory-efficient vs
+    flash), so bf16 logits can differ in the last bits.
     """
 
     def __init__(self, decoder: MEDLMHeadModel, encoder_hidden_states, encoder_attention_mask,
@@ -77,60 +133,78 @@ class _GraphedDecoder:
         if encoder_attention_mask is not None or not use_cache or not max_length:
             raise ValueError('cuda_graph decoding needs all-ones image masks (None) and the KV cache')
         self.decoder, self.bert = decoder, decoder.bert
-        self.cross_kv = self.bert.precompute_cross_kv(encoder_hidden_states)
-        self.cache = KVCache(decoder.config.num_hidden_layers, max_length)
+        cross_kv = self.bert.precompute_cross_kv(encoder_hidden_states)
+        key = _static_key(decoder, cross_kv, encoder_hidden_states.shape[0] * rows_per_image, max_length)
+        kept = _STATIC_STEPS.get(decoder)
+        if kept is not None and kept.key == key:
+            kept.load(cross_kv)
+            self.s = kept
+        else:
+            _STATIC_STEPS.pop(decoder, None)  # its graph and buffers go before new ones are allocated
+            self.s = _STATIC_STEPS[decoder] = _StaticStep(
+                key, KVCache(decoder.config.num_hidden_layers, max_length), cross_kv)
         self.max_length = max_length
-        self.graph = None
         self.use_graph = encoder_hidden_states.is_cuda
 
-    def _step(self) -> None:
-        x = self.bert.embeddings(self.tok, position_ids=self.pos[None])               # [R,1,H]
+    def _step(self, tok, pos, mask, out, cache_k, cache_v, cross_kv) -> None:
+        x = self.bert.embeddings(tok, position_ids=pos[None])                         # [R,1,H]
         for i, layer in enumerate(self.bert.encoder.layer):
             sa = layer.attention.self
             q, k, v = sa.project_qkv(x)
-            self.cache.k[i].index_copy_(2, self.pos, k)
-            self.cache.v[i].index_copy_(2, self.pos, v)
-            h = attention(q, self.cache.k[i], self.cache.v[i], self.mask, 0.0, False)
+            cache_k[i].index_copy_(2, pos, k)
+            cache_v[i].index_copy_(2, pos, v)
+            h = attention(q, cache_k[i], cache_v[i], mask, 0.0, False)
             x = layer.attention.output(h.transpose(1, 2).reshape(x.shape[0], 1, -1), x)
-            x, _ = layer.crossattention(x, None, None, kv=self.cross_kv[i])
+            x, _ = layer.crossattention(x, None, None, kv=cross_kv[i])
             x = layer.output(layer.intermediate(x), x)
-        self.out.copy_(self.decoder.cls(x[:, -1]).float())
+        out.copy_(self.decoder.cls(x[:, -1]).float())
+
+    def _capture(self) -> None:
+        s = self.s
+        bound = (s.tok, s.pos, s.mask, s.out, s.cache.k, s.cache.v, s.cross_kv)
+        if not self.use_graph:
+            s.graph = _EagerGraph(*bound)
+            return
+        ctx = torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False) \
+            if torch.is_autocast_enabled('cuda') else contextlib.nullcontext()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), ctx:
+            self._step(*bound)  # warm-up; writes slot T with the values the replay writes again
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), ctx:
+            self._step(*bound)
+        s.graph = graph
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.cache.length == 0:  # the prompt, eagerly, into the preallocated cache
-            out = self.bert(input_ids, past_key_values=self.cache, cross_kv=self.cross_kv, is_decoder=True,
+        s = self.s
+        if s.cache.length == 0:  # the prompt, eagerly, into the preallocated cache
+            out = self.bert(input_ids, past_key_values=s.cache, cross_kv=s.cross_kv, is_decoder=True,
                             mode='multimodal')
             logits = self.decoder.cls(out.last_hidden_state[:, -1]).float()
-            self.tok = input_ids[:, -1:].clone()
-            self.pos = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-            self.mask = torch.full((1, 1, 1, self.max_length), float('-inf'), dtype=self.cache.k.dtype,
-                                   device=input_ids.device)
-            self.out = torch.empty_like(logits)
+            if s.tok is None:
+                s.tok = input_ids[:, -1:].clone()
+                s.pos = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+                s.mask = torch.empty((1, 1, 1, self.max_length), dtype=s.cache.k.dtype, device=input_ids.device)
+                s.out = torch.empty_like(logits)
+            s.mask.fill_(float('-inf'))
             return logits
-        T = self.cache.length
-        self.tok.copy_(input_ids[:, -1:])
-        self.pos.fill_(T)
-        self.mask[..., :T + 1] = 0
-        if self.use_graph and self.graph is None:
-            ctx = torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False) \
-                if torch.is_autocast_enabled('cuda') else contextlib.nullcontext()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), ctx:
-                self._step()  # warm-up; writes slot T with the values the replay writes again
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), ctx:
-                self._step()
-        if self.graph is not None:
-            self.graph.replay()
+        T = s.cache.length
+        s.tok.copy_(input_ids[:, -1:])
+        s.pos.fill_(T)
+        s.mask[..., :T + 1] = 0
+        if s.graph is None:
+            self._capture()
+        if isinstance(s.graph, _EagerGraph):
+            self._step(*s.graph.tensors)
         else:
-            self._step()
-        self.cache.advance(1)
-        return self.out.clone()
+            s.graph.replay()
+        s.cache.advance(1)
+        return s.out.clone()
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.cache.reorder(rows)
+        self.s.cache.reorder(rows)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -204,7 +278,9 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
         num_return_sequences: best hypotheses per image (beam search) or samples per image.
         use_cache: False recomputes everything each step (reference path for tests).
         cuda_graph: replay each decode step as one CUDA graph (``_GraphedDecoder``; all-ones image masks
-            only). Several times faster on a GPU where eager decoding is launch-bound; off by default.
+            only). Several times faster on a GPU where eager decoding is launch-bound; off by default. The
+            graph and its buffers are kept for later calls with the same shapes (one set per decoder, freed
+            by ``decoder.train()`` or ``release_static_decoding``).
 
     Returns:
         [B * num_return_sequences, T] token ids, rows grouped per image, ``[PAD]`` after the end.

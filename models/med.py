@@ -703,6 +703,12 @@ class MEDLMHeadModel(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.cls.predictions.decoder
 
+    def train(self, mode: bool = True) -> 'MEDLMHeadModel':
+        if mode:  # buffers and CUDA graph kept by cuda_graph decoding serve evaluation; training needs the memory
+            from models.generation import release_static_decoding  # (generation imports this module)
+            release_static_decoding(self)
+        return super().train(mode)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, labels=None, past_key_values=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,

@@ -1,4 +1,7 @@
 """Decoding: cached == recomputed, transformers-4.15 semantics (min/max length, [SEP], penalties), batching."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -185,3 +188,55 @@ def test_a_decode_step_runs_one_projection_per_attention_input(decoder, amp):
     assert len(products) == 6 * layers
     if amp:  # the inputs of the fused projection, the cross query and the FFN (LayerNorm outputs are fp32)
         assert count.ops.count('_to_copy') == 3 * layers
+
+
+def test_cuda_graph_decoding_keeps_its_static_step_between_calls_with_the_same_shapes():
+    """The buffers (and on a GPU the captured graph) of ``cuda_graph`` decoding are kept between calls: a
+    second call with other images only loads their keys/values, and decodes exactly what the default path
+    decodes. Off the GPU the step 'replays' on the tensors bound at capture, as a graph would, so a buffer
+    replaced rather than refilled would show here as wrong tokens."""
+    from models import generation
+    torch.manual_seed(3)
+    model = MEDLMHeadModel(load_med_config(dict(TINY_MED, initializer_range=0.1))).eval()  # images matter
+    kw = dict(num_beams=3, max_length=12, min_length=4)
+    firsts, seconds = images(2, seed=1), images(2, seed=2)
+    want = [generate(model, prompts(2), x, **kw) for x in (firsts, seconds)]
+    assert not torch.equal(want[0], want[1])          # the images matter, so reuse is tested on real work
+    got, kept = [], []
+    for x in (firsts, seconds, firsts):
+        got.append(generate(model, prompts(2), x, cuda_graph=True, **kw))
+        kept.append(generation._STATIC_STEPS[model])
+    assert [torch.equal(g, w) for g, w in zip(got, want + want[:1])] == [True] * 3
+    assert kept[0] is kept[1] is kept[2] and kept[0].graph is not None
+    greedy = generate(model, prompts(2), seconds, num_beams=1, max_length=12, cuda_graph=True)  # 2 rows, not 6
+    assert torch.equal(greedy, generate(model, prompts(2), seconds, num_beams=1, max_length=12))
+    assert generation._STATIC_STEPS[model] is not kept[0]                 # other shapes: built anew, one kept
+
+
+def test_kept_decoding_step_follows_the_weights_and_is_released_for_training():
+    """In-place weight updates (optimizer steps, ``load_state_dict``) are read at every replay; weights moved
+    to new storage (``assign=True``, ``.to()``) build a new step, since a graph would read the old storage;
+    ``train()`` frees what was kept."""
+    from models import generation
+    torch.manual_seed(4)
+    model = MEDLMHeadModel(load_med_config(dict(TINY_MED, initializer_range=0.1))).eval()
+    other = MEDLMHeadModel(load_med_config(dict(TINY_MED, initializer_range=0.1))).eval().state_dict()
+    kw = dict(num_beams=3, max_length=12, min_length=4)
+    x = images(2, seed=1)
+    before = generate(model, prompts(2), x, cuda_graph=True, **kw)
+    kept = generation._STATIC_STEPS[model]
+    model.load_state_dict(other)                                            # in place
+    after = generate(model, prompts(2), x, cuda_graph=True, **kw)
+    assert generation._STATIC_STEPS[model] is kept
+    assert torch.equal(after, generate(model, prompts(2), x, **kw)) and not torch.equal(after, before)
+    model.load_state_dict({k: v.clone() for k, v in other.items()}, assign=True)  # new storage
+    assert torch.equal(generate(model, prompts(2), x, cuda_graph=True, **kw), after)
+    assert generation._STATIC_STEPS[model] is not kept
+    model.train()
+    assert model not in generation._STATIC_STEPS
+    model.eval()
+    generate(model, prompts(2), x, cuda_graph=True, **kw)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None   # what is kept for decoding does not keep the model alive
