@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from data.utils import ensure_annotation
 from engine.evaluation import coco_caption_eval, save_result
 from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
 from models.blip import blip_decoder
@@ -62,13 +63,24 @@ def evaluate_split(run: Run, model, loader, split: str, tag: str) -> dict:
     path = save_result(results, run.result_dir, f'{split}_{tag}', remove_duplicate='image_id')
     if not run.is_main:
         return {}
-    gt = f'{run.config.coco_gt_root}/coco_karpathy_{split}_gt.json'
-    return coco_caption_eval(gt, path)
+    return coco_caption_eval(caption_gt_file(run.config, split), path)
+
+
+def caption_gt_file(config: CaptionConfig, split: str) -> str:
+    """COCO-format ground truth of a Karpathy split in ``coco_gt_root``, downloaded there when missing (as the
+    original's ``coco_caption_eval`` does)."""
+    if not config.coco_gt_root:
+        raise ValueError('config key coco_gt_root is not set: the folder for coco_karpathy_{val,test}_gt.json '
+                         '(configs/caption_coco.yaml: annotation/coco_gt)')
+    return ensure_annotation(f'coco_karpathy_{split}_gt.json', config.coco_gt_root)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, CaptionConfig, description=__doc__)
     config = run.config
+    if run.is_main:  # fetched before training, so that a missing file cannot end a run after its first epoch
+        for split in ('val', 'test'):
+            caption_gt_file(config, split)
     train_set, val_set, test_set = run.datasets('caption_coco')
     train_loader, val_loader, test_loader = run.loaders([train_set, val_set, test_set], [True, False, False],
                                                         [config.batch_size] * 3)

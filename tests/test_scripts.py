@@ -164,3 +164,32 @@ def test_unknown_config_key_fails_before_any_work(toy, tmp_path):
     with pytest.raises(ConfigError, match=r"caption\.yaml.*'batch_sise'"):
         train_caption.main(argv('train_caption', toy, tmp_path) + ['batch_sise=8'])
     assert not (tmp_path / 'config.yaml').exists()
+
+
+def test_caption_ground_truth_is_downloaded_when_missing_and_checked_before_training(toy, tmp_path, monkeypatch):
+    """The original's coco_caption_eval downloads coco_karpathy_{val,test}_gt.json into coco_gt_root; a run
+    must not train an epoch and then fail on a missing file or an unset key."""
+    import data.utils
+    import train_caption
+    calls = []
+
+    def fake_download(url, root):
+        calls.append((url, root))
+        name = url.rsplit('/', 1)[1]
+        (Path(root) / name).write_text((toy / 'annotation' / 'coco_gt' / name).read_text())
+
+    monkeypatch.setattr(data.utils, 'download_url', fake_download)
+    gt_root = tmp_path / 'coco_gt'
+    config = train_caption.CaptionConfig(coco_gt_root=str(gt_root))
+    path = train_caption.caption_gt_file(config, 'val')
+    assert json.loads(Path(path).read_text())['annotations']
+    base = 'https://storage.googleapis.com/sfr-vision-language-research/datasets/'
+    assert calls == [(base + 'coco_karpathy_val_gt.json', str(gt_root))]
+    train_caption.caption_gt_file(config, 'val')                       # present now: not fetched again
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match='coco_gt_root'):
+        train_caption.caption_gt_file(train_caption.CaptionConfig(), 'test')
+    out = tmp_path / 'out'
+    with pytest.raises(ValueError, match='coco_gt_root'):                # before any training step
+        train_caption.main(argv('train_caption', toy, out) + ['coco_gt_root='])
+    assert not list(out.glob('checkpoint_*.pth'))

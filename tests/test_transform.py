@@ -96,3 +96,13 @@ def test_create_transforms_shapes_and_normalisation():
     expected = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(y[:, 16, 16], expected, atol=1e-5)
     assert 'RandomAugment' in repr(train) and 'RandomResizedCrop' in repr(train)
+
+
+def test_sign_draws_follow_the_original():
+    """Same seed, same directions as the original: rotations are negated when random() < 0.5, shears and
+    translations when random() > 0.5."""
+    np.random.seed(3)
+    draws = np.random.random(20)
+    np.random.seed(3)
+    assert [OPS['Rotate'][1](5)[0] for _ in range(10)] == [-15.0 if d < 0.5 else 15.0 for d in draws[:10]]
+    assert [OPS['ShearX'][1](5)[0] for _ in range(10)] == [-0.15 if d > 0.5 else 0.15 for d in draws[10:]]

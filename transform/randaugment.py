@@ -128,7 +128,9 @@ def _translate_args(level: float) -> tuple:
 
 
 def _rotate_args(level: float) -> tuple:
-    return _signed((level / MAX_LEVEL) * 30), FILL
+    # the original negates rotations on random() < 0.5, shears and translations on > 0.5
+    degrees = (level / MAX_LEVEL) * 30
+    return (-degrees if np.random.random() < 0.5 else degrees), FILL
 
 
 OPS: dict[str, tuple[Callable, Callable]] = {
