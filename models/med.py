@@ -177,6 +177,38 @@ def attention(q, k, v, mask=None, dropout_p=0.0, is_causal=False):
 _FUSED_PARTS = {'qkv': ('query', 'key', 'value'), 'kv': ('key', 'value')}
 
 
+def checkpoint_parameter_names(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``(name, parts)`` for each parameter of ``model.parameters()``: ``parts`` are the checkpoint-layout names
+    of the tensors it holds, in the order it concatenates them (``...qkv.weight`` -> the query, key and value
+    weights; an unfused parameter -> itself).
+
+    The original code registered query/key/value as separate parameters, so ``[n for _, ps in ... for n in ps]``
+    ordered as the original registered them (see ``original_parameter_order``) indexes its optimizer state.
+    """
+    out = []
+    for name, _ in model.named_parameters():
+        prefix, _, leaf = name.rpartition('.')
+        module_prefix, _, fused = prefix.rpartition('.')
+        if fused in _FUSED_PARTS and isinstance(model.get_submodule(module_prefix), Attention):
+            base = f'{module_prefix}.' if module_prefix else ''
+            out.append((name, [f'{base}{part}.{leaf}' for part in _FUSED_PARTS[fused]]))
+        else:
+            out.append((name, [name]))
+    return out
+
+
+def original_parameter_order(model: nn.Module) -> list[str]:
+    """Checkpoint-layout names in the order of the original code's ``model.parameters()``: each fused
+    projection expands, where it stands, to query/key/value weight and bias, Linear by Linear."""
+    order = []
+    for name, parts in checkpoint_parameter_names(model):
+        if len(parts) == 1:
+            order.append(name)
+        elif name.endswith('.weight'):  # the fused bias follows the fused weight; both expand here
+            order += [n for part in parts for n in (part, part[:-len('weight')] + 'bias')]
+    return order
+
+
 def _split_fused_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook: write ``qkv.*`` / ``kv.*`` as the original ``query.*``, ``key.*``, ``value.*``."""
     parts = {}

@@ -357,3 +357,70 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     restore_rng_state(torch.load(tmp_path / 'rng.pth', weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def _original_optimizer_state(model, names, lr=3e-5):
+    """An AdamW state as the original code saved it: one group over ``names`` (its parameter order), moments
+    for the trainable ones, none for frozen momentum copies."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {i: {'step': torch.tensor(7.0), 'exp_avg': torch.randn(shapes[n], generator=g),
+                 'exp_avg_sq': torch.rand(shapes[n], generator=g)}
+             for i, n in enumerate(names) if '_m.' not in n}
+    group = {'lr': lr, 'betas': (0.9, 0.999), 'eps': 1e-8, 'weight_decay': 0.05, 'amsgrad': False,
+             'params': list(range(len(names)))}
+    return {'state': state, 'param_groups': [group]}
+
+
+@pytest.mark.parametrize('layout', ['original', 'unfused_trainable'])
+def test_optimizer_state_of_an_original_run_resumes_into_fused_projections(tmp_path, layout):
+    """The original's optimizer held every parameter (momentum copies too) with query/key/value separate; ours
+    holds the trainable ones with fused projections. Resuming an original run (or one of ours from before
+    the fusion) maps each moment to its place: a fused parameter's moments are its parts' concatenated."""
+    from models.blip_retrieval import BLIP_Retrieval
+    from models.med import original_parameter_order
+    from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+    model = BLIP_Retrieval(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT), embed_dim=16,
+                           queue_size=8)
+    # the original parameter order, read independently of the code under test: state-dict keys (original
+    # layout and order) without buffers and without repeats of a tied tensor
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    seen, names = set(), []
+    for k, v in model.state_dict().items():
+        if k not in buffers and (v.data_ptr(), v.shape, v.stride()) not in seen:
+            seen.add((v.data_ptr(), v.shape, v.stride()))
+            names.append(k)
+    assert names == original_parameter_order(model)
+    if layout == 'unfused_trainable':
+        names = [n for n in names if '_m.' not in n]
+    saved = _original_optimizer_state(model, names)
+    torch.save({'model': model.state_dict(), 'optimizer': saved, 'config': {}, 'epoch': 2}, tmp_path / 'orig.pth')
+    optimizer = create_optimizer(model, _Schema(init_lr=1e-3))
+    assert load_training_state(tmp_path / 'orig.pth', model, optimizer) == (3, 0)
+    moments = {n: saved['state'][i]['exp_avg'] for i, n in enumerate(names) if i in saved['state']}
+    layer = 'text_encoder.encoder.layer.1.'
+    qkv = dict(model.named_parameters())[layer + 'attention.self.qkv.weight']
+    want = torch.cat([moments[layer + f'attention.self.{p}.weight'] for p in ('query', 'key', 'value')])
+    assert torch.equal(optimizer.state[qkv]['exp_avg'], want)
+    kv = dict(model.named_parameters())[layer + 'crossattention.self.kv.bias']
+    want = torch.cat([moments[layer + f'crossattention.self.{p}.bias'] for p in ('key', 'value')])
+    assert torch.equal(optimizer.state[kv]['exp_avg'], want)
+    ln = dict(model.named_parameters())[layer + 'output.LayerNorm.weight']
+    assert torch.equal(optimizer.state[ln]['exp_avg'], moments[layer + 'output.LayerNorm.weight'])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(optimizer.state) == len(trainable) and optimizer.param_groups[0]['lr'] == 3e-5
+    assert float(optimizer.state[qkv]['step']) == 7.0
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    optimizer.step()                                   # the loaded state is usable as it is
+
+
+def test_optimizer_state_of_another_model_is_refused_with_the_counts(tmp_path):
+    from models.blip_retrieval import BLIP_Retrieval
+    from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+    model = BLIP_Retrieval(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT), embed_dim=16,
+                           queue_size=8)
+    saved = _original_optimizer_state(torch.nn.Linear(3, 3), ['weight', 'bias'])
+    torch.save({'model': model.state_dict(), 'optimizer': saved, 'config': {}, 'epoch': 2}, tmp_path / 'other.pth')
+    with pytest.raises(CheckpointError, match='optimizer state does not match: 2 parameters'):
+        load_training_state(tmp_path / 'other.pth', model, create_optimizer(model, _Schema(init_lr=1e-3)))
