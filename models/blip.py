@@ -46,6 +46,9 @@ def init_tokenizer(source: Optional[str] = None) -> BertTokenizer:
             or tokenizer.convert_tokens_to_ids('the') == tokenizer.unk_token_id:
         raise RuntimeError(f'tokenizer from {source or DEFAULT_VOCAB} did not load its vocabulary '
                            f'({len(tokenizer)} tokens)')
+    # transformers 4.15's decode joined "man ' s" back to "man's" (clean_up_tokenization_spaces defaulted to
+    # True); transformers 5 defaults to False, which changes the original's caption and answer strings
+    tokenizer.clean_up_tokenization_spaces = True
     tokenizer.add_special_tokens({'bos_token': '[DEC]'})
     tokenizer.add_special_tokens({'additional_special_tokens': ['[ENC]']})
     tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids('[ENC]')

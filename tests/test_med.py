@@ -319,6 +319,27 @@ def test_tokenizer_ids_and_shipped_vocabulary():
     assert (tok.pad_token_id, tok.sep_token_id, tok.cls_token_id) == (0, 102, 101)
 
 
+def _decode_as_transformers_4_15(tok, ids):
+    """The slow BertTokenizer's decode(skip_special_tokens=True) of transformers 4.15, written out: join the
+    word pieces, then clean_up_tokenization (on by default there)."""
+    words = [t for t in tok.convert_ids_to_tokens(ids) if t not in tok.all_special_tokens]
+    text = ' '.join(words).replace(' ##', '').strip()
+    for a, b in [(' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]:
+        text = text.replace(a, b)
+    return text
+
+
+@pytest.mark.parametrize('text', ["a man's dog doesn't bark.", "it's a cat, isn't it? we're here!",
+                                  'two people riding bikes down a street', "the players' uniforms"])
+def test_decoded_text_is_the_originals(text):
+    """Captions and VQA answers are decoded as the original's transformers 4.15 did ("man's", not "man ' s")."""
+    tok = init_tokenizer()
+    ids = tok(text).input_ids
+    assert tok.decode(ids, skip_special_tokens=True) == _decode_as_transformers_4_15(tok, ids)
+    assert tok.batch_decode([ids], skip_special_tokens=True) == [_decode_as_transformers_4_15(tok, ids)]
+
+
 def test_tokenizer_that_failed_to_load_is_an_error(tmp_path):
     bad = tmp_path / 'vocab.txt'
     bad.write_text('[PAD]\n[UNK]\n')
