@@ -11,7 +11,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -101,6 +101,9 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     for key in ('model', 'epoch'):
         if key not in checkpoint:
             raise CheckpointError(f'{source}: not a training checkpoint (no {key!r} key)')
+    if not isinstance(checkpoint['model'], Mapping):
+        raise CheckpointError(f"{source}: checkpoint['model'] is a {type(checkpoint['model']).__name__}, "
+                              'not a state dict')
     try:
         model.load_state_dict(checkpoint['model'], strict=True)
     except RuntimeError as e:

@@ -49,7 +49,8 @@ def download_cached_file(url: str, progress: bool = True) -> str:
     return str(target)
 
 
-def resolve_checkpoint_path(url_or_filename: str) -> str:
+def resolve_checkpoint_path(url_or_filename: str | os.PathLike) -> str:
+    url_or_filename = os.fspath(url_or_filename)
     if is_url(url_or_filename):
         return download_cached_file(url_or_filename)
     path = url_or_filename[len('file://'):] if str(url_or_filename).startswith('file://') else url_or_filename
@@ -77,7 +78,7 @@ def read_checkpoint(url_or_filename: str) -> dict:
             f'loaded (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). Only load files '
             f'you trust; re-save a trusted one as a plain dict of tensors.') from e
     except Exception as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint: {e}') from e
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{path}: expected a dict, got {type(checkpoint).__name__}')
     return dict(checkpoint)
@@ -86,6 +87,8 @@ def read_checkpoint(url_or_filename: str) -> dict:
 def extract_state_dict(checkpoint: Mapping[str, Any], source: str = '') -> dict[str, torch.Tensor]:
     """``checkpoint['model']`` (our and the original's layout), else the dict itself; HF layouts converted."""
     state_dict = checkpoint.get('model', checkpoint)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: checkpoint['model'] is a {type(state_dict).__name__}, not a state dict")
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f'{source}: checkpoint has no state dict of tensors (non-tensor keys {bad[:5]})')

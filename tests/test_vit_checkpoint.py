@@ -134,6 +134,18 @@ def test_missing_file_and_garbage_file_are_clear_errors(tmp_path):
         load_checkpoint(tiny_decoder(), str(tmp_path / 'junk.pth'))
 
 
+def test_path_objects_load_and_a_model_entry_that_is_no_state_dict_is_a_clear_error(tmp_path):
+    from engine.checkpoint_io import load_training_state
+    src = tiny_decoder()
+    model, msg = load_checkpoint(tiny_decoder(), Path(save(tmp_path, src.state_dict())))
+    assert msg.missing_keys == []
+    torch.save({'model': [1, 2], 'epoch': 0}, tmp_path / 'list.pth')
+    with pytest.raises(ckpt.CheckpointError, match=r"list.pth: checkpoint\['model'\] is a list"):
+        load_checkpoint(tiny_decoder(), tmp_path / 'list.pth')
+    with pytest.raises(ckpt.CheckpointError, match=r"list.pth: checkpoint\['model'\] is a list"):
+        load_training_state(tmp_path / 'list.pth', tiny_decoder(), None)
+
+
 def test_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     src = tiny_decoder()
     local = save(tmp_path, src.state_dict(), 'model_base_caption.pth')
