@@ -285,6 +285,8 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
     Returns:
         [B * num_return_sequences, T] token ids, rows grouped per image, ``[PAD]`` after the end.
     """
+    if max_length <= input_ids.shape[1]:
+        raise ValueError(f'max_length ({max_length}) counts the prompt and must exceed its length ({input_ids.shape[1]})')
     if sample:
         return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, True,
                                  max_length, min_length, top_k, top_p, repetition_penalty,

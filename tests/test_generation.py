@@ -240,3 +240,9 @@ def test_kept_decoding_step_follows_the_weights_and_is_released_for_training():
     del model
     gc.collect()
     assert alive() is None   # what is kept for decoding does not keep the model alive
+
+
+@pytest.mark.parametrize('kwargs', [dict(num_beams=3), dict(num_beams=1), dict(sample=True)])
+def test_max_length_not_beyond_the_prompt_is_a_clear_error(decoder, kwargs):
+    with pytest.raises(ValueError, match=r'max_length \(4\) counts the prompt'):
+        generate(decoder, prompts(2), images(2), max_length=4, **kwargs)
