@@ -31,6 +31,7 @@ def capture_rng_state() -> dict:
         'numpy_keys': torch.from_numpy(np_state[1].astype(np.int64)),
         'numpy_meta': [int(np_state[2]), int(np_state[3]), float(np_state[4])],
         'python': torch.tensor(py_state[1], dtype=torch.int64),
+        'python_gauss_next': py_state[2],  # random.gauss caches its second value (None or a float)
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state_all()
@@ -42,7 +43,7 @@ def restore_rng_state(state: dict) -> None:
     pos, has_gauss, cached = state['numpy_meta']
     np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), int(pos), int(has_gauss),
                          float(cached)))
-    random.setstate((3, tuple(int(x) for x in state['python'].tolist()), None))
+    random.setstate((3, tuple(int(x) for x in state['python'].tolist()), state.get('python_gauss_next')))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 

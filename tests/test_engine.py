@@ -350,13 +350,13 @@ def test_find_latest_checkpoint(tmp_path):
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    np.random.randn()  # a cached gaussian is part of numpy's state
+    np.random.randn(), random.gauss(0, 1)  # a cached second gaussian is part of numpy's and python's state
     atomic_torch_save(capture_rng_state(), tmp_path / 'rng.pth')
-    expected = (torch.rand(3), np.random.rand(3), random.random())
-    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    expected = (torch.rand(3), np.random.rand(3), random.gauss(0, 1), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9), random.gauss(0, 1)
     restore_rng_state(torch.load(tmp_path / 'rng.pth', weights_only=True))
-    got = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    got = (torch.rand(3), np.random.rand(3), random.gauss(0, 1), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
 
 
 def _original_optimizer_state(model, names, lr=3e-5):
