@@ -88,27 +88,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
                          prompt=config.prompt, med_config=config.med_config)
     run.setup_model(model)
-    best, best_epoch, stats = -1.0, 0, {}
-    for epoch in run.epochs():
+    stats = {}
+    for epoch in run.epochs():  # one pass with --evaluate
         train_stats = {} if run.args.evaluate else run.train_epoch(
             epoch, train_loader, caption_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
         val = evaluate_split(run, run.model_without_ddp, val_loader, 'val', f'epoch{epoch}')
         test = evaluate_split(run, run.model_without_ddp, test_loader, 'test', f'epoch{epoch}')
-        if run.is_main:
-            score = val['CIDEr'] + val['Bleu_4']
-            if run.args.evaluate:
-                stats = {**{f'val_{k}': v for k, v in val.items()}, **{f'test_{k}': v for k, v in test.items()}}
-                run.log(stats, 'evaluate.txt')
-                break
-            if score > best:
-                best, best_epoch = score, epoch
+        if run.is_main and run.args.evaluate:
+            stats = {**{f'val_{k}': v for k, v in val.items()}, **{f'test_{k}': v for k, v in test.items()}}
+            run.log(stats, 'evaluate.txt')
+        elif run.is_main:  # metrics exist on rank 0 only; every rank goes on to the collective end_epoch
+            if run.improved(val['CIDEr'] + val['Bleu_4'], epoch):
                 run.save('checkpoint_best.pth', epoch)
             stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'val_{k}': v for k, v in val.items()},
-                     **{f'test_{k}': v for k, v in test.items()}, 'epoch': epoch, 'best_epoch': best_epoch}
+                     **{f'test_{k}': v for k, v in test.items()}, 'epoch': epoch, 'best_epoch': run.best_epoch}
             run.log(stats)
         run.end_epoch(epoch)
-        if run.args.evaluate:
-            break
     run.finish()
     return stats
 

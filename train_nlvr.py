@@ -66,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
                       med_config=config.med_config)
     run.setup_model(model)
-    best, best_epoch, stats = -1.0, 0, {}
+    stats = {}
     for epoch in run.epochs():
         train_stats = {} if run.args.evaluate else run.train_epoch(
             epoch, train_loader, nlvr_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
@@ -76,10 +76,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if run.args.evaluate:
             run.log(stats, 'evaluate.txt')
             break
-        if val['acc'] > best:
-            best, best_epoch = val['acc'], epoch
+        if run.improved(val['acc'], epoch):
             run.save('checkpoint_best.pth', epoch)
-        stats['best_epoch'] = best_epoch
+        stats['best_epoch'] = run.best_epoch
         run.log(stats)
         run.end_epoch(epoch)
     run.finish()

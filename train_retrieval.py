@@ -73,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                            queue_size=config.queue_size, negative_all_rank=config.negative_all_rank, momentum=config.momentum,
                            med_config=config.med_config)
     run.setup_model(model)
-    best, best_epoch, stats = -1.0, 0, {}
+    stats = {}
     step = make_step(config)
     for epoch in run.epochs():
         train_stats = {} if run.args.evaluate else run.train_epoch(
@@ -86,13 +86,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             break
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'val_{k}': v for k, v in val.items()},
                  'epoch': epoch}
-        if val['r_mean'] > best:
+        if run.improved(val['r_mean'], epoch):  # same metrics on every rank: all take this branch or none
             # test numbers are computed for the best epoch only, as the original does
-            best, best_epoch = val['r_mean'], epoch
             test = evaluate(run, test_loader)
             stats.update({f'test_{k}': v for k, v in test.items()})
             run.save('checkpoint_best.pth', epoch)
-        stats['best_epoch'] = best_epoch
+        stats['best_epoch'] = run.best_epoch
         run.log(stats)
         run.end_epoch(epoch)
     run.finish()

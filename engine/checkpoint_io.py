@@ -7,6 +7,7 @@ tensors/ints so that ``torch.load(weights_only=True)`` accepts the file).
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
@@ -19,7 +20,7 @@ import torch
 from models.checkpoint import CheckpointError, read_checkpoint
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
-           'restore_rng_state', 'atomic_torch_save', 'optimizer_state_in_our_layout']
+           'restore_rng_state', 'atomic_torch_save', 'optimizer_state_in_our_layout', 'NonFiniteWeightsError']
 
 
 def capture_rng_state() -> dict:
@@ -51,11 +52,14 @@ def restore_rng_state(state: dict) -> None:
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the previous file or the new one, never a torn file.
+    A crash at any moment leaves either the previous file or the new one, never a torn file. Temporary
+    files that an earlier, killed writer left behind (GBs for a pretraining checkpoint) are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    for stale in path.parent.glob(f'.{glob.escape(path.name)}.tmp*'):
+        stale.unlink(missing_ok=True)
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
@@ -68,19 +72,36 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """The model's weights hold NaN/inf; the checkpoint was not written (the one on disk is kept)."""
+
+
+def check_finite_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Refuse to replace a checkpoint with broken weights (a finite loss can still give an inf gradient)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one host read
+        name = next(n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all())
+        raise NonFiniteWeightsError(f'{path}: not written, the model weights are not finite (first: {name}); '
+                                    f'checkpoints already on disk are from before')
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     config: dict, epoch: int, resume_epoch: int, resume_step: int = 0,
-                    scaler: Optional[torch.amp.GradScaler] = None, rng: Optional[list] = None) -> Path:
+                    scaler: Optional[torch.amp.GradScaler] = None, rng: Optional[list] = None,
+                    progress: Optional[dict] = None) -> Path:
     """Write a checkpoint whose ``--resume`` continues at (``resume_epoch``, ``resume_step``).
 
-    ``rng``: the RNG states of every rank (rank order); default this process's.
+    ``rng``: the RNG states of every rank (rank order); default this process's. ``progress``: what the
+    script tracks across epochs (best score and epoch), restored by ``load_training_state``. Weights that
+    are not finite raise ``NonFiniteWeightsError`` instead of replacing the file.
     """
+    check_finite_weights(model, path)
     checkpoint = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict() if optimizer is not None else {},
         'config': config,
         'epoch': epoch,
-        'resume': {'epoch': resume_epoch, 'step': resume_step},
+        'resume': {'epoch': resume_epoch, 'step': resume_step, 'progress': dict(progress or {})},
         'rng': rng if rng is not None else [capture_rng_state()],
     }
     if scaler is not None and scaler.is_enabled():
@@ -90,8 +111,9 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
 
 def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                         scaler: Optional[torch.amp.GradScaler] = None, rank: int = 0,
-                        world_size: int = 1) -> tuple[int, int]:
+                        world_size: int = 1, progress: Optional[dict] = None) -> tuple[int, int]:
     """Restore model (strict), optimizer, scaler and this rank's RNG; return (epoch, step) to continue at.
+    ``progress`` (a dict) is updated with what ``save_checkpoint`` stored under that name.
 
     An original checkpoint (no ``'resume'``) continues at ``epoch + 1``, as the original's resume did; its
     optimizer state (every parameter, query/key/value separate) is mapped to ours by
@@ -124,6 +146,8 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
               f'RNG streams are re-seeded, so random augmentation differs from an uninterrupted run')
         torch.manual_seed(int(checkpoint['epoch']) * 1_000_003 + rank)
     resume = checkpoint.get('resume') or {'epoch': int(checkpoint['epoch']) + 1, 'step': 0}
+    if progress is not None:
+        progress.update(resume.get('progress') or {})
     return int(resume['epoch']), int(resume['step'])
 
 

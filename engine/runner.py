@@ -84,6 +84,7 @@ class Run:
         self.logger = JsonLogger(self.output_dir) if self.is_main else None
         self.model = self.model_without_ddp = self.optimizer = self.scaler = None
         self.start_epoch, self.start_step = 0, 0
+        self.progress: dict = {}  # best score / epoch: saved in every checkpoint, restored by --resume
         self._samplers: dict[int, object] = {}
 
     @classmethod
@@ -168,7 +169,7 @@ class Run:
             print('--resume auto: no checkpoint yet, starting from scratch')
             return
         epoch, step = load_training_state(path, self.model_without_ddp, self.optimizer, self.scaler,
-                                          rank=du.get_rank(), world_size=du.get_world_size())
+                                          rank=du.get_rank(), world_size=du.get_world_size(), progress=self.progress)
         self.start_epoch, self.start_step = epoch, step
         print(f'resumed from {path}: epoch {epoch}, step {step}')
 
@@ -208,7 +209,7 @@ class Run:
         no collective, so it may be called inside ``if run.is_main``; resuming from it starts epoch + 1."""
         if self.is_main:
             save_checkpoint(self.output_dir / name, self.model_without_ddp, self.optimizer, self.config.to_dict(),
-                            epoch, epoch + 1, 0, scaler=self.scaler)
+                            epoch, epoch + 1, 0, scaler=self.scaler, progress=self.progress)
 
     def save_resume_point(self, epoch: int, resume: tuple[int, int]) -> None:
         """``checkpoint_last.pth`` continuing at ``resume`` = (epoch, step). Collective: every rank's RNG
@@ -216,8 +217,21 @@ class Run:
         rng = gather_objects([capture_rng_state()])
         if self.is_main:
             save_checkpoint(self.output_dir / 'checkpoint_last.pth', self.model_without_ddp, self.optimizer,
-                            self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng)
+                            self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng,
+                            progress=self.progress)
         du.barrier()
+
+    def improved(self, score: float, epoch: int) -> bool:
+        """Whether ``score`` beats the best so far, which is then recorded; the best survives ``--resume``,
+        so a resumed run does not overwrite ``checkpoint_best.pth`` with a worse epoch."""
+        if score > self.progress.get('best', float('-inf')):
+            self.progress.update(best=score, best_epoch=epoch)
+            return True
+        return False
+
+    @property
+    def best_epoch(self) -> int:
+        return self.progress.get('best_epoch', 0)
 
     def log(self, stats: dict, filename: str = 'log.txt') -> None:
         if self.is_main:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from engine import distributed as du
-from engine.checkpoint_io import (atomic_torch_save, capture_rng_state, find_latest_checkpoint, load_training_state,
-                                  restore_rng_state, save_checkpoint)
+from engine.checkpoint_io import (NonFiniteWeightsError, atomic_torch_save, capture_rng_state, find_latest_checkpoint,
+                                  load_training_state, restore_rng_state, save_checkpoint)
 from engine.config import CommonConfig, ConfigError, load_config, save_config
 from engine.loop import NonFiniteLossError, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer, step_lr, warmup_lr
@@ -339,6 +339,42 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     torch.testing.assert_close(after, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint_last.pth']  # no temp file left
     assert find_latest_checkpoint(tmp_path) == path
+
+
+def test_temporary_file_of_a_killed_writer_is_removed_by_the_next_save(tmp_path):
+    path, _, _ = _ckpt(tmp_path, name='checkpoint_last.pth')
+    (tmp_path / '.checkpoint_last.pth.tmp4242').write_bytes(b'x' * 1000)   # SIGKILL mid-write leaves this
+    (tmp_path / '.other.pth.tmp4242').write_bytes(b'x')                     # another file's: not touched
+    _ckpt(tmp_path, name='checkpoint_last.pth')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.other.pth.tmp4242', 'checkpoint_last.pth']
+
+
+def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
+    """A finite loss can still give an inf gradient and NaN weights; saving them would overwrite the last good
+    checkpoint (the run stops a step later on the NaN loss), so the save refuses and names the parameter."""
+    path, model, opt = _ckpt(tmp_path, name='checkpoint_last.pth')
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.bias[1] = float('nan')
+    with pytest.raises(NonFiniteWeightsError, match=r'checkpoint_last.pth: not written.*first: bias'):
+        save_checkpoint(path, model, opt, {}, 2, 2, 5)
+    assert path.read_bytes() == before
+
+
+def test_best_score_survives_resume(tmp_path):
+    """``Run.improved`` keeps the best score and epoch in every checkpoint; after ``--resume`` a worse epoch
+    is not taken for the best (it used to restart from -1 and overwrite checkpoint_best.pth)."""
+    from engine.runner import Run
+    run = Run.__new__(Run)       # only the progress bookkeeping is exercised
+    run.progress = {}
+    assert run.improved(0.5, 0) and not run.improved(0.4, 1) and run.improved(0.7, 2) and run.best_epoch == 2
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / 'last.pth', model, None, {}, 2, 3, 0, progress=run.progress)
+    resumed = Run.__new__(Run)
+    resumed.progress = {}
+    load_training_state(tmp_path / 'last.pth', model, None, progress=resumed.progress)
+    assert resumed.progress == {'best': 0.7, 'best_epoch': 2}
+    assert not resumed.improved(0.6, 3) and resumed.best_epoch == 2
 
 
 def test_find_latest_checkpoint(tmp_path):

@@ -158,6 +158,18 @@ def test_script_runs_under_torchrun_with_two_processes(script, toy, tmp_path):
         assert len({a['question_id'] for a in answers}) == len(answers)
 
 
+def test_evaluate_under_torchrun_with_a_split_that_does_not_divide_by_the_ranks(tmp_path):
+    """``--evaluate`` on two ranks ends cleanly on both (rank 0 used to leave the loop early and tear the process
+    group down under rank 1's barrier), and the 7 images padded to 8 by the sampler are each captioned once."""
+    odd = ensure_toy_dataset(tmp_path / 'toy', n_train=8, n_val=7, n_test=7, n_web=4, n_videos=0)
+    out = tmp_path / 'out'
+    _torchrun('train_caption', argv('train_caption', odd, out) + ['--evaluate'])
+    assert (out / 'evaluate.txt').is_file()
+    for split in ('val', 'test'):
+        ids = [r['image_id'] for r in json.loads((out / f'result/{split}_epoch0.json').read_text())]
+        assert len(ids) == len(set(ids)) == 7
+
+
 def test_unknown_config_key_fails_before_any_work(toy, tmp_path):
     from engine.config import ConfigError
     import train_caption
