@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -62,8 +61,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith('cuda') and not torch.cuda.is_available():
         print('CUDA is not available: running on the CPU')
         return torch.device('cpu')
-    if name.startswith('cuda') and 'LOCAL_RANK' in os.environ:
-        return torch.device('cuda', int(os.environ['LOCAL_RANK']))
+    env = du.read_dist_env()
+    if name.startswith('cuda') and env:  # one GPU per local process, under torchrun or SLURM (srun)
+        device = torch.device('cuda', env['local_rank'])
+        torch.cuda.set_device(device)  # streams, CUDA graphs and pinned memory use the current device
+        return device
     return torch.device(name)
 
 

@@ -126,6 +126,22 @@ def test_dist_env_from_torchrun_slurm_or_nothing():
     assert du.read_dist_env({}) == {}
 
 
+@pytest.mark.parametrize('env', [{'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '3'},
+                                 {'SLURM_PROCID': '11', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '3'}])
+def test_each_local_process_gets_its_own_gpu_as_the_current_device(monkeypatch, env):
+    """CapFilt starts no process group; under srun it used to put every rank of a node on GPU 0."""
+    from engine.runner import resolve_device
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    current = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', current.append)
+    assert resolve_device('cuda') == torch.device('cuda', 3) and current == [torch.device('cuda', 3)]
+    assert resolve_device('cpu') == torch.device('cpu')
+
+
 def test_single_process_needs_no_process_group(monkeypatch):
     for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS'):
         monkeypatch.delenv(key, raising=False)
