@@ -29,6 +29,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from data.loading import join_root
 from data.pretrain_dataset import load_annotation_index
@@ -89,6 +91,18 @@ class CapFiltConfig(CommonConfig):
     max_words: int = 30              # captions are cleaned with pre_caption(caption, max_words) as in pretraining
     report_samples: int = 48
     output_file: str = 'capfilt_annotations.json'  # '.jsonl' writes JSON lines
+
+
+def check_inputs(config: CapFiltConfig, entries: Sequence[dict], source: str) -> None:
+    """Before any model work: the human annotation files exist, and the web images can be found (a wrong
+    ``image_root`` would otherwise count every image as bad and write an output without web pairs)."""
+    for path in [config.human_ann_file] if isinstance(config.human_ann_file, str) else config.human_ann_file:
+        if not os.path.isfile(path):
+            raise ConfigError(f'{source}: human_ann_file {path!r} does not exist')
+    probe = [join_root(config.image_root, image_path(e).removeprefix('file://')) for e in entries[:16]]
+    if probe and not any(os.path.isfile(p) for p in probe):
+        raise ConfigError(f'{source}: none of the first {len(probe)} web images exists (first: {probe[0]!r}); '
+                          f'check image_root ({config.image_root!r}) and ann_file')
 
 
 def validate(config: CapFiltConfig, source: str) -> None:
@@ -316,14 +330,19 @@ class Histogram:
 
     def __init__(self, lo: float, hi: float, bins: int = HIST_BINS):
         self.lo, self.hi, self.counts = lo, hi, [0] * bins
+        self.non_finite = 0  # NaN scores (possible under fp16): below every threshold, so removed; counted apart
 
     def add(self, value: float) -> None:
+        if not math.isfinite(value):
+            self.non_finite += 1
+            return
         b = int((value - self.lo) / (self.hi - self.lo) * len(self.counts))
         self.counts[min(max(b, 0), len(self.counts) - 1)] += 1
 
     def to_dict(self) -> dict:
         n = len(self.counts)
-        return {'edges': [round(self.lo + (self.hi - self.lo) * i / n, 6) for i in range(n + 1)], 'counts': self.counts}
+        return {'edges': [round(self.lo + (self.hi - self.lo) * i / n, 6) for i in range(n + 1)], 'counts': self.counts,
+                'non_finite': self.non_finite}
 
 
 class PairWriter:
@@ -516,6 +535,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         ensure_toy_dataset(config.toy_root, exact=False)
     start = time.time()
     entries = load_annotation_index(config.ann_file)
+    check_inputs(config, entries, args.config)
     num_shards = (len(entries) + config.shard_size - 1) // config.shard_size
     check_manifest(output_dir, {'fingerprint': fingerprint(config, args.seed), 'entries': len(entries),
                                 'shard_size': config.shard_size, 'num_shards': num_shards})
@@ -527,14 +547,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
         captioner, filter_model = build_models(config, device)
         _, transform = create_transforms(config.image_size)
         done = 0
-        for k, shard in enumerate(todo):
+        log_file = output_dir / f'capfilt_log_rank{rank}.jsonl'  # one per rank: no process group, no shared appends
+        for k, shard in enumerate(tqdm(todo, desc='capfilt shards', disable=rank != 0, dynamic_ncols=True)):
             lo, hi = shard * config.shard_size, min(len(entries), (shard + 1) * config.shard_size)
             record = run_shard(shard, list(range(lo, hi)), entries, captioner, filter_model, transform, config,
                                args.seed, device, amp_dtype)
             write_json_atomic(shard_path(output_dir, shard), record)
             done += hi - lo
-            print(f'[rank {rank}] shard {shard} ({k + 1}/{len(todo)}) done, {len(record["bad"])} bad images, '
-                  f'{done / (time.time() - start):.1f} images/s', flush=True)
+            line = {'rank': rank, 'shard': shard, 'shards_done_here': k + 1, 'shards_here': len(todo),
+                    'images': hi - lo, 'bad_images': len(record['bad']),
+                    'images_per_s': round(done / (time.time() - start), 2), 'time': round(time.time() - start, 1)}
+            with open(log_file, 'a') as f:
+                f.write(json.dumps(line) + '\n')
+            if rank != 0:
+                print(json.dumps(line), flush=True)
     if rank != 0:
         return {}
     wait_for_shards(output_dir, num_shards)

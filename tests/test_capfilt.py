@@ -109,6 +109,30 @@ def test_threshold_zero_keeps_everything(setup, full_run):
     assert summary['images_per_s'] > 0
 
 
+def test_progress_is_logged_as_json_lines_per_shard(full_run):
+    out, summary = full_run
+    lines = [json.loads(x) for x in (out / 'capfilt_log_rank0.jsonl').read_text().splitlines()]
+    assert [x['shard'] for x in lines] == list(range(4)) and sum(x['images'] for x in lines) == N_WEB + 1
+    assert sum(x['bad_images'] for x in lines) == 1 and all(x['images_per_s'] > 0 for x in lines)
+
+
+def test_wrong_image_root_or_missing_human_file_fails_before_any_model_work(setup, tmp_path, monkeypatch):
+    """A wrong image_root used to count every image as bad and write an output of human pairs only."""
+    monkeypatch.setattr(capfilt, 'build_models', lambda *a: pytest.fail('models built before the inputs were checked'))
+    with pytest.raises(ConfigError, match=r"none of the first 13 web images exists.*image_root \('/nonexistent'\)"):
+        run_capfilt(setup, tmp_path / 'a', 'image_root=/nonexistent')
+    with pytest.raises(ConfigError, match=r"human_ann_file '/nonexistent/h.json' does not exist"):
+        run_capfilt(setup, tmp_path / 'b', 'human_ann_file=[/nonexistent/h.json]')
+    assert not list(tmp_path.rglob('shard_*.json'))
+
+
+def test_nan_scores_are_counted_apart_in_the_histogram():
+    hist = capfilt.Histogram(0.0, 1.0, bins=4)
+    for value in (0.1, float('nan'), 0.9, float('inf')):
+        hist.add(value)
+    assert hist.to_dict()['counts'] == [1, 0, 0, 1] and hist.to_dict()['non_finite'] == 2
+
+
 def test_bad_image_counted_not_fatal(full_run):
     out, summary = full_run
     assert summary['bad_images'] == 1
