@@ -455,8 +455,8 @@ def thumbnail_data_uri(path: str, size: int = 160) -> str:
         return ''
 
 
-def caption_line(kind: str, caption: str, score: float, threshold: float) -> str:
-    status = 'kept' if score >= threshold else 'removed'
+def caption_line(kind: str, caption: str, score: float, kept: bool) -> str:
+    status = 'kept' if kept else 'removed'
     return (f'<li class="{status}"><span class="tag">{kind}, {status}, {score:.3f}</span> '
             f'{html.escape(caption)}</li>')
 
@@ -468,8 +468,12 @@ def write_html_report(path: Path, samples: list[tuple[dict, dict]], config: CapF
         src = thumbnail_data_uri(join_root(config.image_root, image_path(entry).removeprefix('file://')))
         img = (f'<img src="{src}" alt="{html.escape(image_path(entry))}">' if src
                else f'<span class="missing">{html.escape(image_path(entry))} (unreadable)</span>')
-        lines = [caption_line('web', entry['caption'], r['w'], config.threshold)]
-        lines += [caption_line('synthetic', c, s, config.threshold) for c, s in r['s']]
+        # marked as the output has them: score, keep mode and duplicates (kept_captions keeps this order)
+        kept, j, lines = kept_captions(entry, r, config), 0, []
+        for kind, caption, score in [('web', entry['caption'], r['w'])] + [('synthetic', c, s) for c, s in r['s']]:
+            in_output = j < len(kept) and kept[j] == (caption, kind)
+            j += in_output
+            lines.append(caption_line(kind, caption, score, in_output))
         rows.append(f'<tr><td>{img}</td><td><ul>{"".join(lines)}</ul></td></tr>')
     score_name = 'ITM match probability' if config.score == 'itm' else 'ITC cosine similarity'
     page = f"""<!DOCTYPE html>

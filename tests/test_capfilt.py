@@ -187,6 +187,8 @@ def test_keep_synthetic_drops_web_captions(setup, full_run, tmp_path):
     summary = run_capfilt(setup, copy, 'threshold=0.0', 'keep=synthetic')
     pairs = read_output(copy)[:-3]
     assert summary['web_pairs_out'] == 0 and len(pairs) == summary['synthetic_pairs_out'] > 0
+    report = (copy / 'capfilt_report.html').read_text()   # marked as the output has them, not by score alone
+    assert 'web, kept' not in report and 'web, removed' in report and 'synthetic, kept' in report
     full_synthetic = [p for p in read_output(out)[:-3] if p['caption'] not in {e['caption'] for e in setup['web']}]
     assert pairs == full_synthetic
 
