@@ -89,6 +89,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     """Train one epoch from ``start_step``; return the epoch's mean losses (over ranks) and last LR.
 
     ``save_fn(next_step)`` is called on every rank after each ``save_every_steps``-th optimizer step.
+    ``lr_fn`` receives the optimizer-step index (batch index // ``accum_steps``), so a warm-up of N steps
+    spans N updates whatever the accumulation. The last window of an epoch that ``accum_steps`` does not
+    divide averages over the batches it has.
     """
     if precision not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
@@ -105,16 +108,18 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     t0 = time.time()
+    last_window = steps - steps % accum_steps  # first batch of a short last window (== steps if none)
     for step, batch in zip(range(start_step, steps), _batches_from(loader, start_step)):
-        lr = lr_fn(step)
+        lr = lr_fn(step // accum_steps)
         set_lr(optimizer, lr)
         update = (step + 1) % accum_steps == 0 or step + 1 == steps
+        window_size = accum_steps if step < last_window else steps - last_window
         sync = model.no_sync() if is_ddp and not update else contextlib.nullcontext()
         with sync:
             with autocast(device, precision):
                 losses = step_fn(model, batch, step)
             values = _check_finite(losses, epoch, step)
-            loss = sum(v.float() for v in losses.values()) / accum_steps
+            loss = sum(v.float() for v in losses.values()) / window_size
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if update:
             _optimizer_step(model, optimizer, scaler, clip_grad)

@@ -209,6 +209,23 @@ def test_accumulation_equals_one_large_batch():
     torch.testing.assert_close(small.weight, big.weight, rtol=1e-5, atol=1e-6)
 
 
+def test_a_short_last_window_averages_over_its_batches_and_lr_counts_updates():
+    """16 samples in batches of 2 with accum_steps=3: updates over 6, 6 and 4 samples, each the mean over its
+    own samples (the last one used to be divided by 3 as well), and lr_fn sees update indices 0, 0, 0, 1, ..."""
+    seen = []
+    model, _, _ = _train(batch_size=2, accum=3, lr_fn=lambda s: seen.append(s) or 0.1)
+    assert seen == [0, 0, 0, 1, 1, 1, 2, 2]
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    data = _Data()
+    for lo, hi in [(0, 6), (6, 12), (12, 16)]:
+        ((ref(data.x[lo:hi]) - data.y[lo:hi]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(model.weight, ref.weight, rtol=1e-5, atol=1e-6)
+
+
 def test_lr_is_set_every_step_and_reported():
     seen = []
 
