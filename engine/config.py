@@ -160,14 +160,20 @@ def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterabl
     Raises ``ConfigError`` naming the file and the key for unknown keys and wrongly typed values.
     """
     source = str(path)
-    data = apply_overrides(_read_yaml(path), options or [], source)
+    options = list(options or [])
+    data = apply_overrides(_read_yaml(path), options, source)
+    overridden = {o.split('=', 1)[0].strip().split('.')[0] for o in options}
+
+    def where(key: str) -> str:  # the file, or the command line where the value came from there
+        return f'--options (config {source})' if key in overridden else source
+
     hints = typing.get_type_hints(schema)
     known = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown config key(s) {unknown} for {schema.__name__}; "
+        raise ConfigError(f"{where(unknown[0])}: unknown config key(s) {unknown} for {schema.__name__}; "
                           f"known keys: {sorted(known)}")
-    values = {k: _check_type(k, v, hints[k], source) for k, v in data.items()}
+    values = {k: _check_type(k, v, hints[k], where(k)) for k, v in data.items()}
     return schema(**values)
 
 

@@ -72,6 +72,10 @@ def create_vit(vit: str | Mapping[str, int], image_size: int, use_grad_checkpoin
         size = dict(VIT_PRESETS[vit])
     else:
         size = dict(vit)
+        keys = {'embed_dim', 'depth', 'num_heads', 'patch_size'}
+        if set(size) != keys:
+            raise ValueError(f'vit dict needs exactly the keys {sorted(keys)}; missing {sorted(keys - set(size))}, '
+                             f'unknown {sorted(set(size) - keys)}')
     if vit == 'large':
         drop_path_rate = 0.1 or drop_path_rate  # the original's quirk: ViT-L always uses 0.1
     if image_size % size['patch_size']:

@@ -79,8 +79,10 @@ def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
     path = _yaml(tmp_path, 'init_lr: 1e-4\nbatch_sise: 8\n')
     with pytest.raises(ConfigError, match=r"c\.yaml.*'batch_sise'"):
         load_config(path, _Schema)
-    with pytest.raises(ConfigError, match=r"'nope'"):
+    with pytest.raises(ConfigError, match=r"^--options \(config .*c\.yaml\): unknown config key\(s\) \['nope'\]"):
         load_config(_yaml(tmp_path, 'init_lr: 1e-4\n'), _Schema, ['nope=3'])
+    with pytest.raises(ConfigError, match=r"^--options .*'batch_size' must be int"):  # the value came from there
+        load_config(_yaml(tmp_path, 'init_lr: 1e-4\n'), _Schema, ['batch_size=many'])
 
 
 def test_wrong_types_and_bad_files_are_errors(tmp_path):

@@ -165,3 +165,8 @@ def test_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     assert (tmp_path / 'hub' / 'checkpoints' / 'model_base_caption.pth').exists()
     _, msg = load_checkpoint(tiny_decoder(), 'file://' + local)
     assert msg.missing_keys == []
+
+
+def test_vit_dict_with_a_wrong_key_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"missing \['patch_size'\], unknown \['patch_sise'\]"):
+        create_vit({'embed_dim': 32, 'depth': 2, 'num_heads': 2, 'patch_sise': 8}, 32)
