@@ -136,10 +136,18 @@ def captions_per_image(config: CapFiltConfig) -> int:
     return 0 if config.keep == 'web' else config.num_captions
 
 
-def fingerprint(config: CapFiltConfig, seed: int) -> str:
-    """Hash of everything that determines the shards (threshold and keep only act at the merge)."""
-    values = {k: getattr(config, k) for k in SHARD_KEYS}
-    values.update(num_captions=captions_per_image(config), seed=seed)
+# Settings of the synthetic captions only: a keep='web' merge ignores them.
+GENERATION_KEYS = ('captioner', 'num_captions', 'sample', 'top_p', 'top_k', 'num_beams', 'repetition_penalty',
+                   'max_length', 'min_length', 'prompt', 'cuda_graph')
+
+
+def fingerprint(config: CapFiltConfig, seed: int, web_only: bool = False) -> str:
+    """Hash of everything that determines the shards (threshold and keep only act at the merge); with
+    ``web_only``, of what determines their web-caption scores."""
+    values = {k: getattr(config, k) for k in SHARD_KEYS if not (web_only and k in GENERATION_KEYS)}
+    values['seed'] = seed
+    if not web_only:
+        values['num_captions'] = captions_per_image(config)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -277,11 +285,19 @@ def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, lambda f: json.dump(obj, f))
 
 
-def check_manifest(output_dir: Path, manifest: dict) -> None:
-    """Record what the shards are made from; refuse to mix shards of another config or data."""
+def check_manifest(output_dir: Path, manifest: dict, web_merge_only: bool = False) -> None:
+    """Record what the shards are made from; refuse to mix shards of another config or data.
+
+    ``web_merge_only``: a keep='web' run over complete shards; shards made with other caption-generation
+    settings are fine then (their synthetic captions are not read), as long as their web scores match.
+    """
     path = shard_dir(output_dir) / 'manifest.json'
     if path.exists():
         found = json.loads(path.read_text())
+        same_scores = {k: v for k, v in found.items() if k != 'fingerprint'} == \
+            {k: v for k, v in manifest.items() if k != 'fingerprint'}
+        if web_merge_only and same_scores:
+            return
         if found != manifest:
             raise RuntimeError(f'{path} was written by a run with other data or settings ({found} vs {manifest}); '
                                f'use a new --output_dir, or delete {shard_dir(output_dir)} to start over')
@@ -541,9 +557,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     entries = load_annotation_index(config.ann_file)
     check_inputs(config, entries, args.config)
     num_shards = (len(entries) + config.shard_size - 1) // config.shard_size
-    check_manifest(output_dir, {'fingerprint': fingerprint(config, args.seed), 'entries': len(entries),
-                                'shard_size': config.shard_size, 'num_shards': num_shards})
     missing_at_start = [s for s in range(num_shards) if not shard_path(output_dir, s).exists()]
+    check_manifest(output_dir, {'fingerprint': fingerprint(config, args.seed),
+                                'web_fingerprint': fingerprint(config, args.seed, web_only=True),
+                                'entries': len(entries), 'shard_size': config.shard_size, 'num_shards': num_shards},
+                   web_merge_only=config.keep == 'web' and not missing_at_start)
     todo = [s for s in missing_at_start if s % world == rank]
     print(f'[rank {rank}/{world}] {len(entries)} web entries in {num_shards} shards; '
           f'{num_shards - len(missing_at_start)} done, {len(todo)} to do here', flush=True)

@@ -193,6 +193,21 @@ def test_keep_synthetic_drops_web_captions(setup, full_run, tmp_path):
     assert pairs == full_synthetic
 
 
+def test_keep_web_remerges_shards_made_with_captions_but_makes_no_new_ones_among_them(setup, full_run, tmp_path):
+    """The README's promise: a new keep mode only re-merges (the synthetic captions are not read), even with
+    the captioner left out; but a missing shard would be made without captions among shards that have them."""
+    out, full = full_run
+    copy = tmp_path / 'out'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    summary = run_capfilt(setup, copy, 'threshold=0.0', 'keep=web', 'captioner=')
+    assert summary['web_pairs_out'] == full['web_kept'] and summary['synthetic_pairs_out'] == 0
+    next(iter(sorted((copy / 'shards').glob('shard_*.json')))).unlink()
+    with pytest.raises(RuntimeError, match='other data or settings'):
+        run_capfilt(setup, copy, 'threshold=0.0', 'keep=web', 'captioner=')
+
+
 def test_changed_generation_settings_refuse_old_shards(setup, full_run, tmp_path):
     out, _ = full_run
     copy = tmp_path / 'out'
