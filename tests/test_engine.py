@@ -495,3 +495,13 @@ def test_optimizer_state_of_another_model_is_refused_with_the_counts(tmp_path):
     torch.save({'model': model.state_dict(), 'optimizer': saved, 'config': {}, 'epoch': 2}, tmp_path / 'other.pth')
     with pytest.raises(CheckpointError, match='optimizer state does not match: 2 parameters'):
         load_training_state(tmp_path / 'other.pth', model, create_optimizer(model, _Schema(init_lr=1e-3)))
+
+
+def test_fp16_gradients_are_unscaled_before_clipping():
+    """With fp16 the loss is scaled (1024 here; more overflows this toy's fp16 gradients); clipping the scaled
+    gradients would move the weights 1024 times less than asked. The clipped update must be the fp32 one."""
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+    fp16, _, _ = _train(batch_size=16, accum=1, lr_fn=lambda s: 1.0, clip_grad=1e-3, precision='fp16', scaler=scaler)
+    fp32, _, _ = _train(batch_size=16, accum=1, lr_fn=lambda s: 1.0, clip_grad=1e-3)
+    torch.testing.assert_close(fp16.weight, fp32.weight, rtol=0, atol=2e-5)
+    assert scaler.get_scale() == 2.0 ** 10   # no inf/NaN steps skipped
