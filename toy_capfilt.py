@@ -41,11 +41,21 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent
 
 
-def run_step(name: str, cmd: list[str], log: Path, done: Path, fresh: bool, env: dict) -> float:
-    """Run ``cmd`` (logging to ``log``) unless ``done`` exists; returns the seconds it took."""
-    if done.exists() and not fresh:
+def run_step(name: str, cmd: list[str], log: Path, done: Path, fresh: bool, env: dict,
+             workdir: Optional[Path] = None) -> float:
+    """Run ``cmd`` (logging to ``log``) unless ``done`` exists from a run of the same command; returns the
+    seconds it took. A step whose command changed (other flags, another filter checkpoint) is redone, its
+    ``workdir`` emptied first, so that results never pair new settings with old outputs."""
+    stamp = log.with_name(log.name + '.cmd.json')
+    same = stamp.exists() and json.loads(stamp.read_text()) == cmd
+    if done.exists() and not fresh and same:
         print(f'[{name}] reusing {done}', flush=True)
         return 0.0
+    if done.exists() and not fresh:
+        print(f'[{name}] its command changed since {done} was made: redoing it', flush=True)
+    changed = stamp.exists() and not same
+    if workdir is not None and workdir.exists() and (fresh or changed):  # else: an interrupted run resumes there
+        shutil.rmtree(workdir)
     print(f'[{name}] {" ".join(cmd)}', flush=True)
     start = time.time()
     with open(log, 'w') as f:
@@ -53,6 +63,7 @@ def run_step(name: str, cmd: list[str], log: Path, done: Path, fresh: bool, env:
     if proc.returncode != 0 or not done.exists():
         tail = log.read_text(errors='replace').replace('\r', '\n').splitlines()[-30:]
         raise RuntimeError(f'[{name}] failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))
+    stamp.write_text(json.dumps(cmd))
     seconds = time.time() - start
     print(f'[{name}] done in {seconds:.0f} s', flush=True)
     return seconds
@@ -146,15 +157,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # c. CapFilt over the noisy web pairs
     capfilt_dir = out / 'capfilt'
-    if args.fresh and capfilt_dir.exists():
-        shutil.rmtree(capfilt_dir)
     seconds['capfilt'] = run_step('c. capfilt', py + ['capfilt.py', '--config', 'configs/toy/capfilt.yaml',
                                   '--output_dir', str(capfilt_dir), *common, '--options', *data_opts,
                                   f'ann_file=[{ann}/pretrain_noisy.json]',
                                   f'human_ann_file=[{ann}/coco_karpathy_train.json]',
                                   f'captioner={captioner_dir}/checkpoint_best.pth',
                                   f'filter={filter_ckpt}', *args.capfilt_options],
-                                  out / 'capfilt.log', capfilt_dir / 'capfilt_summary.json', args.fresh, env)
+                                  out / 'capfilt.log', capfilt_dir / 'capfilt_summary.json', args.fresh, env,
+                                  workdir=capfilt_dir)
     summary = json.loads((capfilt_dir / 'capfilt_summary.json').read_text())
 
     # d. noise removal against the truth

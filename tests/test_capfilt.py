@@ -354,3 +354,23 @@ def test_shipped_configs_load():
         config = capfilt.load_config(ROOT / path, capfilt.CapFiltConfig)
         capfilt.validate(config, path)
         assert config.threshold == 0.5 and config.score == 'itm' and config.top_p == 0.9
+
+
+def test_toy_capfilt_redoes_a_step_whose_command_changed(tmp_path):
+    """toy_capfilt.py reuses finished steps; a step run again with other flags (another filter checkpoint,
+    other CapFilt options) is redone in an emptied folder instead of reporting old outputs under new settings."""
+    import sys
+    import toy_capfilt
+    work = tmp_path / 'work'
+
+    def cmd(value):
+        return [sys.executable, '-c', f"import pathlib; p = pathlib.Path({str(work)!r}); p.mkdir(exist_ok=True); "
+                                      f"(p / 'done').write_text({value!r})"]
+
+    step = lambda value: toy_capfilt.run_step('s', cmd(value), tmp_path / 'log', work / 'done', False, {},  # noqa: E731
+                                              workdir=work)
+    step('a')
+    (work / 'old_shard').write_text('x')
+    assert step('a') == 0.0 and (work / 'old_shard').exists()          # same command: reused as it is
+    step('b')
+    assert (work / 'done').read_text() == 'b' and not (work / 'old_shard').exists()
