@@ -41,14 +41,16 @@ def read_dist_env(environ: dict | None = None) -> DistEnv:
     """Rank/world size from torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM.
 
     The original kept ``world_size`` at its argparse default under SLURM (so multi-node SLURM jobs
-    hung); here it is ``SLURM_NTASKS`` and the local rank is ``SLURM_LOCALID``.
+    hung); here it is the srun step's ``SLURM_STEP_NUM_TASKS`` and the local rank is ``SLURM_LOCALID``.
     """
     env = os.environ if environ is None else environ
     if 'RANK' in env and 'WORLD_SIZE' in env:
         return DistEnv(rank=int(env['RANK']), world_size=int(env['WORLD_SIZE']),
                        local_rank=int(env.get('LOCAL_RANK', 0)))
-    if 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
-        return DistEnv(rank=int(env['SLURM_PROCID']), world_size=int(env['SLURM_NTASKS']),
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks it starts; a batch script's own shell has SLURM_PROCID=0 and
+    # SLURM_NTASKS of the whole allocation but no step variables, and a plain `python` there is one process
+    if 'SLURM_PROCID' in env and 'SLURM_STEP_NUM_TASKS' in env:
+        return DistEnv(rank=int(env['SLURM_PROCID']), world_size=int(env['SLURM_STEP_NUM_TASKS']),
                        local_rank=int(env.get('SLURM_LOCALID', 0)), slurm=True)
     return DistEnv()
 

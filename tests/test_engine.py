@@ -122,18 +122,21 @@ def test_resolved_config_is_saved_and_reloads_identically(tmp_path):
 def test_dist_env_from_torchrun_slurm_or_nothing():
     assert du.read_dist_env({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1'}) == \
         {'rank': 3, 'world_size': 8, 'local_rank': 1}
-    # the original left world_size at 1 under SLURM (multi-node jobs hung); it must be SLURM_NTASKS
-    env = du.read_dist_env({'SLURM_PROCID': '5', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '1'})
+    # the original left world_size at 1 under SLURM (multi-node jobs hung); it must be the srun step's size
+    env = du.read_dist_env({'SLURM_PROCID': '5', 'SLURM_NTASKS': '16', 'SLURM_STEP_NUM_TASKS': '16',
+                            'SLURM_LOCALID': '1'})
     assert (env['rank'], env['world_size'], env['local_rank']) == (5, 16, 1)
     assert du.read_dist_env({}) == {}
+    # a batch script's own shell (plain `python`, no srun): one process, not a group of 8 waiting forever
+    assert du.read_dist_env({'SLURM_PROCID': '0', 'SLURM_NTASKS': '8', 'SLURM_LOCALID': '0'}) == {}
 
 
 @pytest.mark.parametrize('env', [{'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '3'},
-                                 {'SLURM_PROCID': '11', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '3'}])
+                                 {'SLURM_PROCID': '11', 'SLURM_STEP_NUM_TASKS': '16', 'SLURM_LOCALID': '3'}])
 def test_each_local_process_gets_its_own_gpu_as_the_current_device(monkeypatch, env):
     """CapFilt starts no process group; under srun it used to put every rank of a node on GPU 0."""
     from engine.runner import resolve_device
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'):
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_STEP_NUM_TASKS', 'SLURM_LOCALID'):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -145,7 +148,7 @@ def test_each_local_process_gets_its_own_gpu_as_the_current_device(monkeypatch, 
 
 
 def test_single_process_needs_no_process_group(monkeypatch):
-    for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS'):
+    for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_STEP_NUM_TASKS'):
         monkeypatch.delenv(key, raising=False)
 
     class Args:
