@@ -91,6 +91,7 @@ class CapFiltConfig(CommonConfig):
     max_words: int = 30              # captions are cleaned with pre_caption(caption, max_words) as in pretraining
     report_samples: int = 48
     output_file: str = 'capfilt_annotations.json'  # '.jsonl' writes JSON lines
+    shard_wait_timeout_s: float = 7200.0  # rank 0 stops waiting for other ranks' shards after this long without one
 
 
 def check_inputs(config: CapFiltConfig, entries: Sequence[dict], source: str) -> None:
@@ -521,13 +522,24 @@ ul {{ list-style: none; padding-left: 0; margin: 0; }}
 
 # ---------------------------------------------------------------------------------------------- main
 
-def wait_for_shards(output_dir: Path, num_shards: int, poll_s: float = 5.0) -> None:
-    """Rank 0 waits for the other ranks' shard files (no collective: no timeout on long runs)."""
-    announced = False
+def wait_for_shards(output_dir: Path, num_shards: int, timeout_s: float, poll_s: float = 5.0) -> None:
+    """Rank 0 waits for the other ranks' shard files (no collective, so no process-group timeout applies).
+
+    A rank that died without taking the job down (srun without --kill-on-bad-exit, or an output_dir that
+    is not shared between nodes) would leave rank 0 waiting forever: after ``timeout_s`` without a new
+    shard it stops, naming the missing shards; every finished shard stays, and a rerun resumes.
+    """
+    announced, last_count, last_change = False, -1, time.time()
     while True:
         missing = [s for s in range(num_shards) if not shard_path(output_dir, s).exists()]
         if not missing:
             return
+        if len(missing) != last_count:
+            last_count, last_change = len(missing), time.time()
+        elif time.time() - last_change > timeout_s:
+            raise TimeoutError(f'no new shard in {shard_dir(output_dir)} for {timeout_s:.0f} s (shard_wait_timeout_s); '
+                               f'{len(missing)} missing, e.g. {missing[:5]}: did a rank stop? Finished shards are '
+                               f'kept; run again to do the rest')
         if not announced:
             print(f'waiting for {len(missing)} shard(s) of other ranks, e.g. {missing[:5]}', flush=True)
             announced = True
@@ -585,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 print(json.dumps(line), flush=True)
     if rank != 0:
         return {}
-    wait_for_shards(output_dir, num_shards)
+    wait_for_shards(output_dir, num_shards, config.shard_wait_timeout_s)
     human = load_annotation_index(config.human_ann_file) if config.human_ann_file else []
     summary = merge_shards(output_dir, num_shards, entries, human, config)
     new_images = sum(min(len(entries), (s + 1) * config.shard_size) - s * config.shard_size for s in missing_at_start)

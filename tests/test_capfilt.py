@@ -374,3 +374,13 @@ def test_toy_capfilt_redoes_a_step_whose_command_changed(tmp_path):
     assert step('a') == 0.0 and (work / 'old_shard').exists()          # same command: reused as it is
     step('b')
     assert (work / 'done').read_text() == 'b' and not (work / 'old_shard').exists()
+
+
+def test_rank_0_stops_waiting_for_shards_that_never_come(tmp_path):
+    """A rank that died without taking the job down must not leave rank 0 waiting forever."""
+    (tmp_path / 'shards').mkdir()
+    (tmp_path / 'shards' / 'shard_000000.json').write_text('{}')
+    with pytest.raises(TimeoutError, match=r'1 missing, e\.g\. \[1\].*run again'):
+        capfilt.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)
+    (tmp_path / 'shards' / 'shard_000001.json').write_text('{}')
+    capfilt.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)   # all there: returns at once
