@@ -126,6 +126,8 @@ def validate(config: CapFiltConfig, source: str) -> None:
                           f'num_captions is {config.num_captions}')
     if config.score == 'itm' and not 0.0 <= config.threshold <= 1.0:
         raise ConfigError(f'{source}: threshold must be in [0, 1] for ITM scores, got {config.threshold}')
+    if config.score == 'itc' and not -1.0 <= config.threshold <= 1.0:
+        raise ConfigError(f'{source}: threshold must be in [-1, 1] for ITC cosine similarities, got {config.threshold}')
     if config.shard_size < 1 or config.batch_size < 1:
         raise ConfigError(f'{source}: shard_size and batch_size must be >= 1')
     if config.amp not in ('', *AMP_DTYPES):

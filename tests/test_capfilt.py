@@ -347,6 +347,8 @@ def test_unknown_config_key_errors_naming_it(setup, tmp_path):
         run_capfilt(setup, tmp_path, 'no_such_key=1')
     with pytest.raises(ConfigError, match='keep'):
         run_capfilt(setup, tmp_path, 'keep=everything')
+    with pytest.raises(ConfigError, match=r'threshold must be in \[-1, 1\] for ITC'):
+        run_capfilt(setup, tmp_path, 'score=itc', 'threshold=1.5')
 
 
 def test_shipped_configs_load():
