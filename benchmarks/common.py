@@ -269,7 +269,9 @@ def hf_config(size: str, image_size: int):
                          num_hidden_layers=t['num_hidden_layers'], num_attention_heads=t['num_attention_heads'],
                          vocab_size=30524, max_position_embeddings=t['max_position_embeddings'],
                          layer_norm_eps=1e-12, hidden_act='gelu', label_smoothing=0.1, bos_token_id=30522,
-                         sep_token_id=102, pad_token_id=0, encoder_hidden_size=v['embed_dim']))
+                         sep_token_id=102, pad_token_id=0, encoder_hidden_size=v['embed_dim'],
+                         # transformers defaults these to 0; BLIP (and our model) trains with 0.1
+                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
 
 
 def hf_twin(ours: torch.nn.Module, kind: str, size: str, image_size: int):

@@ -59,13 +59,16 @@ def main(argv=None):
                 return generation.generate(model.text_decoder, prompt, model.visual_encoder(image), None,
                                            eos_token_id=SEP, pad_token_id=PAD, cuda_graph=graphed, **{**kw, **over})
 
+        rows = {}
         for name, over in [('beam', {}), ('greedy', dict(num_beams=1))]:
             a, b = run(False, **over), run(True, **over)
-            rows = int((a == b).all(1).sum()) if a.shape == b.shape else 0
-            print(f'check graphed {name} tokens == eager generate (B={B}, amp={args.amp}): {rows}/{B} rows', flush=True)
+            rows[name] = int((a == b).all(1).sum()) if a.shape == b.shape else 0
+            print(f'check graphed {name} tokens == eager generate (B={B}, amp={args.amp}): {rows[name]}/{B} rows',
+                  flush=True)
         eager = report(args, 'caption_generate', 'ours_eager', time_fn(lambda: run(False), args), B)
         graphed = report(args, 'caption_generate', 'ours_cudagraph' if dev == 'cuda' else 'ours_static',
-                         time_fn(lambda: run(True), args), B, extra={'beam_rows_equal_eager': rows})
+                         time_fn(lambda: run(True), args), B,
+                         extra={'beam_rows_equal_eager': rows['beam'], 'greedy_rows_equal_eager': rows['greedy']})
         first = report(args, 'caption_generate', 'ours_cudagraph_first_call' if dev == 'cuda' else 'ours_static_first_call',
                        time_fn(lambda: (generation.release_static_decoding(), run(True)), args), B)
         print(f"graph speed-up at B={B}: {eager['median_s'] / graphed['median_s']:.2f}x "
