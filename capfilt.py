@@ -97,7 +97,7 @@ class CapFiltConfig(CommonConfig):
 def check_inputs(config: CapFiltConfig, entries: Sequence[dict], source: str) -> None:
     """Before any model work: the human annotation files exist, and the web images can be found (a wrong
     ``image_root`` would otherwise count every image as bad and write an output without web pairs)."""
-    for path in [config.human_ann_file] if isinstance(config.human_ann_file, str) else config.human_ann_file:
+    for path in config.human_ann_file:  # load_config makes a single path a list
         if not os.path.isfile(path):
             raise ConfigError(f'{source}: human_ann_file {path!r} does not exist')
     probe = [join_root(config.image_root, image_path(e).removeprefix('file://')) for e in entries[:16]]

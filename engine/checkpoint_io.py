@@ -12,12 +12,12 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from models.checkpoint import CheckpointError, read_checkpoint
+from models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
            'restore_rng_state', 'atomic_torch_save', 'optimizer_state_in_our_layout', 'NonFiniteWeightsError']
@@ -124,11 +124,8 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     for key in ('model', 'epoch'):
         if key not in checkpoint:
             raise CheckpointError(f'{source}: not a training checkpoint (no {key!r} key)')
-    if not isinstance(checkpoint['model'], Mapping):
-        raise CheckpointError(f"{source}: checkpoint['model'] is a {type(checkpoint['model']).__name__}, "
-                              'not a state dict')
     try:
-        model.load_state_dict(checkpoint['model'], strict=True)
+        model.load_state_dict(extract_state_dict(checkpoint, source), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f'{source}: does not match the model: {e}') from e
     if optimizer is not None and checkpoint.get('optimizer'):
@@ -175,11 +172,12 @@ def optimizer_state_in_our_layout(saved: dict, model: torch.nn.Module, optimizer
         raise ValueError('the optimizer holds parameters that are not the model\'s')
     trainable = {n for p in params for n in parts_of[name_of[id(p)]]}
     every = original_parameter_order(model)
-    layouts = {len(every): every, len([n for n in every if n in trainable]): [n for n in every if n in trainable]}
+    trainable_only = [n for n in every if n in trainable]
+    layouts = {len(every): every, len(trainable_only): trainable_only}
     if len(saved_ids) not in layouts or len(saved['param_groups']) != 1 or len(ours['param_groups']) != 1:
         raise ValueError(f'{len(saved_ids)} parameters in {len(saved["param_groups"])} group(s) in the file; this '
                          f'optimizer has {len(our_ids)}, the original layout of this model {len(every)} (frozen '
-                         f'included) or {len(trainable)} (trainable only)')
+                         f'included) or {len(trainable_only)} (trainable only)')
     by_name = {n: saved['state'][i] for n, i in zip(layouts[len(saved_ids)], saved_ids) if i in saved['state']}
     state = {}
     for i, p in zip(our_ids, params):

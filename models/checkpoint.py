@@ -53,8 +53,8 @@ def resolve_checkpoint_path(url_or_filename: str | os.PathLike) -> str:
     url_or_filename = os.fspath(url_or_filename)
     if is_url(url_or_filename):
         return download_cached_file(url_or_filename)
-    path = url_or_filename[len('file://'):] if str(url_or_filename).startswith('file://') else url_or_filename
-    if os.path.isdir(path) or str(path).endswith('.safetensors'):
+    path = url_or_filename.removeprefix('file://')
+    if os.path.isdir(path) or path.endswith('.safetensors'):
         return path  # an HF ``save_pretrained`` folder or safetensors file
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint url or path is invalid: {url_or_filename!r} (no such file)')

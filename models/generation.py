@@ -143,7 +143,6 @@ class _GraphedDecoder:
             _STATIC_STEPS.pop(decoder, None)  # its graph and buffers go before new ones are allocated
             self.s = _STATIC_STEPS[decoder] = _StaticStep(
                 key, KVCache(decoder.config.num_hidden_layers, max_length), cross_kv)
-        self.max_length = max_length
         self.use_graph = encoder_hidden_states.is_cuda
 
     def _step(self, tok, pos, mask, out, cache_k, cache_v, cross_kv) -> None:
@@ -186,7 +185,7 @@ class _GraphedDecoder:
             if s.tok is None:
                 s.tok = input_ids[:, -1:].clone()
                 s.pos = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-                s.mask = torch.empty((1, 1, 1, self.max_length), dtype=s.cache.k.dtype, device=input_ids.device)
+                s.mask = torch.empty((1, 1, 1, s.cache.max_length), dtype=s.cache.k.dtype, device=input_ids.device)
                 s.out = torch.empty_like(logits)
             s.mask.fill_(float('-inf'))
             return logits
