@@ -101,3 +101,11 @@ def test_momentum_update_is_the_ema_and_copy_params_freezes():
     momentum_update(pairs, 0.9)
     for p, p_m, old in zip(online.parameters(), twin.parameters(), before):
         torch.testing.assert_close(p_m, 0.9 * old + (1 - 0.9) * p, rtol=0, atol=1e-7)
+
+
+def test_momentum_update_refuses_a_twin_whose_parameters_changed_since_copy_params():
+    online, twin = nn.Linear(3, 4), nn.Linear(3, 4)
+    copy_params([(online, twin)])
+    twin.extra = nn.Parameter(torch.zeros(1), requires_grad=False)   # pairing by position would shift
+    with pytest.raises(ValueError, match='momentum twin of Linear has 3 parameters, the online module 2'):
+        momentum_update([(online, twin)], 0.9)
