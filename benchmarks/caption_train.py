@@ -13,8 +13,8 @@ import random
 
 import torch
 
-from common import (add_step_args, autocast, check, count_flops, device_busy, finish_args, hf_twin, maybe_compile, med_spec,
-                    parser, report, time_fn, vit_spec)
+from common import (add_step_args, autocast, check, compiled_impl_name, count_flops, device_busy, finish_args, hf_twin,
+                    maybe_compile, med_spec, parser, report, time_fn, vit_spec)
 from models.blip import BLIP_Decoder
 
 WORDS = ('man woman dog cat riding sitting standing table street red blue large small two group people holding '
@@ -88,7 +88,7 @@ def main(argv=None):
     name = 'caption_train' + ('' if args.vit == 'base' else f'_vit{args.vit}_ckpt{args.ckpt_layer}')
     timing = time_fn(step, args)
     extra = device_busy(step, args, timing['median_s']) if args.profile else None
-    results.append(report(args, name, 'ours_compiled' if args.compile else 'ours', timing, args.batch, flops=flops,
+    results.append(report(args, name, compiled_impl_name(args), timing, args.batch, flops=flops,
                           extra=extra))
     del step
     if hf is not None:

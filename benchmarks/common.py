@@ -80,6 +80,9 @@ def add_step_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of the training-step benchmarks (``pretrain_step.py``, ``caption_train.py``)."""
     p.add_argument('--compile', action='store_true',
                    help='torch.compile each ViT block and MED layer (models.compile; warm-up compiles)')
+    p.add_argument('--compile-mode', default=None,
+                   help="torch.compile mode with --compile, e.g. 'reduce-overhead' (CUDA graphs per compiled unit) "
+                        "or 'max-autotune-no-cudagraphs'; default: torch's default mode")
     p.add_argument('--profile', action='store_true',
                    help='also report kernels per step and device-busy time (is the step host-bound?)')
     return p
@@ -98,8 +101,16 @@ def without_attention_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def maybe_compile(model: torch.nn.Module, args) -> torch.nn.Module:
     if args.compile:
         from models.compile import compile_layers
-        print(f'compiled {compile_layers(model)} ViT blocks / MED layers', flush=True)
+        n = compile_layers(model, mode=args.compile_mode)
+        print(f'compiled {n} ViT blocks / MED layers (mode {args.compile_mode or "default"})', flush=True)
     return model
+
+
+def compiled_impl_name(args) -> str:
+    """Result label: 'ours', 'ours_compiled', or 'ours_compiled_<mode>' for a non-default compile mode."""
+    if not args.compile:
+        return 'ours'
+    return 'ours_compiled' + (f'_{args.compile_mode}' if args.compile_mode else '')
 
 
 def autocast(args) -> contextlib.AbstractContextManager:

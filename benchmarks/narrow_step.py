@@ -34,6 +34,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--attention-dropout', action='store_true', help='keep attention dropout (CPU math attention)')
     p.add_argument('--compile', action='store_true', help='regional torch.compile (models.compile)')
+    p.add_argument('--compile-mode', default=None, help="torch.compile mode with --compile (e.g. 'reduce-overhead')")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -62,7 +63,7 @@ def main(argv=None):
         step()
         times.append(time.perf_counter() - t)
     rec = {'workload': 'narrow_pretrain_step', 'batch': args.batch, 'attention_dropout': args.attention_dropout,
-           'compile': args.compile,
+           'compile': args.compile, 'compile_mode': args.compile_mode,
            'ms_per_step': round(1000 * statistics.median(times), 1), 'date': time.strftime('%Y-%m-%d')}
     print(json.dumps(rec))
     return rec

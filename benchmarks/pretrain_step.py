@@ -17,8 +17,8 @@ import sys
 import torch
 
 from caption_train import captions
-from common import (add_step_args, autocast, count_flops, device_busy, finish_args, maybe_compile, med_spec, parser, report,
-                    time_fn, vit_spec)
+from common import (add_step_args, autocast, compiled_impl_name, count_flops, device_busy, finish_args, maybe_compile,
+                    med_spec, parser, report, time_fn, vit_spec)
 
 
 def main(argv=None):
@@ -56,7 +56,7 @@ def main(argv=None):
     extra = {'queue_size': queue}
     if args.profile:
         extra.update(device_busy(step, args, timing['median_s']))
-    impl = 'ours_compiled' if args.compile else 'ours'
+    impl = compiled_impl_name(args)
     return [report(args, 'pretrain_step', impl, timing, args.batch, flops=flops, extra=extra)]
 
 

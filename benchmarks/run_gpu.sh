@@ -29,6 +29,10 @@ run caption_generate.py $C --amp bf16 --batches 32,1 --compare-hf
 run graph_decode.py $C --amp bf16 --batches 32,1
 run caption_train.py $C --amp bf16 --compare-hf
 run pretrain_step.py $C --amp bf16
+if [ "$DEV" = cuda ]; then  # regional torch.compile, default mode and with CUDA graphs per compiled unit
+  T=480 run pretrain_step.py $C --amp bf16 --profile --compile --no-flops --warmup 5
+  T=480 run pretrain_step.py $C --amp bf16 --profile --compile --compile-mode reduce-overhead --no-flops --warmup 5
+fi
 run retrieval_eval.py $C --amp bf16 --n-images $NI --rerank-images $RR --k 256 --check
 run retrieval_eval.py $C --amp none --n-images $NI --k $CK --check-only
 run caption_train.py $C --amp none --compare-hf
