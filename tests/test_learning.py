@@ -3,30 +3,29 @@ label or evaluation fails them:
 
 * captioning: CIDEr clearly above what one caption for every image scores ("mode collapse", ~0.55 here);
 * retrieval: recall@1 several times chance (chance is 1/30 with 30 test images);
-* VQA: accuracy clearly above the best image-blind answer, i.e. the most frequent training answer for
-  each question string, computed here from the annotations;
 * CapFilt with that captioner and that retrieval model as the filter removes the noisy toy web pairs
   (captions of other images) far more precisely than chance;
-* NLVR, fine-tuned from a short toy pretraining as the original fine-tunes from its pretrained model,
-  clearly above chance (50%; the toy statements are true and false equally often, so the sentence
-  alone predicts nothing). From random weights NLVR stays at chance in every setting swept.
+* VQA and NLVR: ``test_learning_vqa.py``, ``test_learning_nlvr.py``.
 
 The toy model learns this fast only with ``configs/toy/med_config.json``'s initialisation range 0.1 and
 no dropout: with BERT's 0.02, the random text encoder gives every caption nearly the same [CLS] feature
 and ITC/ITM stay at chance for hundreds of steps (measured with benchmarks/toy_learning_sweep.py).
+
+One module per training run (VQA and NLVR in ``test_learning_vqa.py`` / ``test_learning_nlvr.py``): the
+suite's workers take whole modules (``--dist loadfile``), so the runs go to different workers while the
+tests that share a run stay with it. ``pytestmark = learning`` puts them at the front of the queue.
 """
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
 from data.toy import ensure_toy_dataset
-from engine.evaluation import vqa_accuracy
+from tests.toy_runs import ROOT, run
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.learning
 
 
 @pytest.fixture(scope='module')
@@ -34,21 +33,6 @@ def toy(module_dir) -> Path:
     # 200 web images: the noisy pairs CapFilt must find
     return ensure_toy_dataset(module_dir('toy'), n_train=300, n_val=30, n_test=30, n_web=200,
                               n_videos=2, video_frames=2)
-
-
-@pytest.fixture(scope='module')
-def toy1000(module_dir) -> Path:
-    return ensure_toy_dataset(module_dir('toy1000'), n_web=4, n_videos=2, video_frames=2)
-
-
-def run(script: str, config: str, toy: Path, out: Path, *options: str) -> list[dict]:
-    """Run ``script.main`` in-process on the toy config; returns every line of its ``log.txt``."""
-    import importlib
-    ann_root = [] if script == 'pretrain' else [f'ann_root={toy}/annotation']
-    argv = ['--config', str(ROOT / 'configs' / 'toy' / f'{config}.yaml'), '--output_dir', str(out),
-            '--device', 'cpu', '--seed', '0', '--options', f'toy_root={toy}', *ann_root, 'num_workers=0', *options]
-    importlib.import_module(script).main(argv)
-    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope='module')
@@ -123,54 +107,3 @@ def test_web_score_auc_ranks_clean_above_noisy(tmp_path):
     assert web_score_auc(tmp_path, [not t for t in truth]) == 0.0
     # clean {0.9, 0.7, 0.2} vs noisy {0.2, 0.1}: 5 of 6 pairs ordered, one tie counted half
     assert web_score_auc(tmp_path, [False, True, False, False, True]) == pytest.approx(5.5 / 6)
-
-
-def question_only_accuracy(ann_root: Path) -> float:
-    """VQA accuracy of answering each test question with its most frequent training answer."""
-    train = json.loads((ann_root / 'vqa_train.json').read_text())
-    test = json.loads((ann_root / 'vqa_test.json').read_text())
-    by_question, overall = defaultdict(Counter), Counter()
-    for a in train:
-        by_question[a['question']].update(a['answer'])
-        overall.update(a['answer'])
-    answers = [{'question_id': a['question_id'], 'answer': (by_question[a['question']] or overall).most_common(1)[0][0]}
-               for a in test]
-    return vqa_accuracy(answers, test)
-
-
-def test_vqa_learns(toy1000, tmp_path):
-    prior = question_only_accuracy(toy1000 / 'annotation')
-    stats = run('train_vqa', 'vqa', toy1000, tmp_path, f'vqa_root={toy1000}/images', 'max_epoch=4',
-                'init_lr=2e-3')[-1]
-    print(prior, stats)
-    # measured: image-blind prior 49.5 on the 300 test questions; 56-64 after 3-4 epochs (282-376 steps)
-    assert stats['test_vqa_accuracy'] > prior + 4, (stats, prior)
-
-
-@pytest.fixture(scope='module')
-def toy_nlvr(module_dir) -> Path:
-    # 300 + 300 evaluation pairs: with 100 + 100 the sampling noise of the accuracy (~3.5 points) was as
-    # large as the margin between a learning run and a blind one
-    return ensure_toy_dataset(module_dir('toy_nlvr'), n_val=300, n_test=300, n_web=4, n_videos=2,
-                              video_frames=2)
-
-
-@pytest.fixture(scope='module')
-def pretrain_run(toy_nlvr, module_dir) -> Path:
-    out = module_dir('pretrain')
-    run('pretrain', 'pretrain', toy_nlvr, out, f'image_root={toy_nlvr}/images',
-        f'train_file=[{toy_nlvr}/annotation/coco_karpathy_train.json]', 'max_epoch=3')
-    return out
-
-
-def test_nlvr_learns_from_a_toy_pretrained_model(toy_nlvr, pretrain_run, tmp_path):
-    log = run('train_nlvr', 'nlvr', toy_nlvr, tmp_path, f'image_root={toy_nlvr}/images', 'max_epoch=15',
-              f'pretrained={pretrain_run}/checkpoint_last.pth')
-    # 600 pairs per epoch, half true; the mean of the last 3 epochs evens out epoch-to-epoch swings of ~2
-    accuracy = sum((e['val_acc'] + e['test_acc']) / 2 for e in log[-3:]) / 3
-    print(accuracy, log[-1])
-    # A constant answer scores 50, the best sentence-only rule ~52. The outcome depends on floating-point
-    # details (thread count, machine): with 10 NLVR epochs the final accuracy ranged 53.2-60.2 over 7 runs
-    # (seeds, thread counts), one below 55. With 15 epochs (1 thread, seeds 0-2) the mean of the last 3
-    # epochs was 58.8, 62.4, 61.6 (seed 0 was the weakest run at 10 epochs: 56.0).
-    assert accuracy > 55, (accuracy, log[-3:])
