@@ -60,7 +60,9 @@ def skinny_cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     rows = x2.shape[0]
     if 2 <= rows <= 4:
         y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)
-        y = y.T
+        # back to row-major: a transposed view would reach attention with strided heads, which sends SDPA
+        # to its math fallback (a copy of the keys per call); the copy here is only rows x out values
+        y = y.T.contiguous()
     elif 1 <= rows <= 16 and _ONEDNN_LINEAR and not torch.is_grad_enabled():   # no autograd formula
         y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, 'none', [], '')
     else:

@@ -190,6 +190,29 @@ def test_a_decode_step_runs_one_projection_per_attention_input(decoder, amp):
         assert count.ops.count('_to_copy') == 3 * layers
 
 
+@pytest.mark.parametrize('B, num_beams', [(1, 3), (2, 3), (1, 1)])  # 3 rows: transposed kernel; 6, 1: oneDNN
+def test_decoding_attention_takes_the_fused_cpu_kernel(decoder, B, num_beams):
+    """Every attention call of decoding gets row-major heads, so CPU SDPA runs its fused kernel. The skinny
+    CPU linear layers once returned a transposed view: strided heads sent SDPA to its math fallback, which
+    copies the keys per call (25% of CPU caption decoding at base size)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as seen:
+        generate(decoder, prompts(B), images(B), num_beams=num_beams, max_length=8)
+    fused = seen.ops.count('_scaled_dot_product_flash_attention_for_cpu')
+    assert fused == 2 * TINY_MED['num_hidden_layers'] * (8 - 4)   # self + cross, every layer, every step
+    assert 'bmm' not in seen.ops
+
+
 def test_cuda_graph_decoding_keeps_its_static_step_between_calls_with_the_same_shapes():
     """The buffers (and on a GPU the captured graph) of ``cuda_graph`` decoding are kept between calls: a
     second call with other images only loads their keys/values, and decodes exactly what the default path

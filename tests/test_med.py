@@ -364,6 +364,7 @@ def test_skinny_cpu_linear_is_the_same_function(rows, grad):
         assert (fast is not None) == expect_fast
         out, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert out.shape == ref.shape == (rows, 1, 200)
+    assert out.is_contiguous()   # row-major as F.linear's: attention needs unit-stride heads for its fused kernel
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if grad:
         g = torch.randn_like(ref)
