@@ -42,6 +42,9 @@ _IGNORED_CONFIG_KEYS = {
 # oneDNN's linear kernel (what torch.compile's CPU backend calls), present in x86 builds of PyTorch
 _ONEDNN_LINEAR = (platform.machine() in ('x86_64', 'AMD64') and torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
+# For 2-4 rows without autograd: the transposed product was the faster kernel on an AVX-512 host, oneDNN's on
+# an AVX2-only one (beam-3 decode at batch 1: 1581 -> 1327 ms); see BENCHMARKS.md, CPU results.
+_TRANSPOSED_FOR_FEW_ROWS = torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
 def skinny_cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -50,20 +53,23 @@ def skinny_cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Decoding feeds a handful of rows per step (beams x images) and is bound by reading the weights, which
     MKL's x @ W^T kernel streams at only 3-11 GB/s on 2 cores for 2-16 rows. Measured with
     benchmarks/cpu_linear.py (BERT-base shapes, weights from DRAM): the transposed product (W @ x^T)^T
-    reads them at 11-32 GB/s for 2-4 rows, oneDNN's kernel at 11-28 GB/s for 1 and 5-16 rows. Same function;
-    the fp32 sums run in another order, so results can differ in the last bits.
+    reads them at 11-32 GB/s for 2-4 rows, oneDNN's kernel at 11-28 GB/s for 1 and 5-16 rows (AVX-512
+    host; on an AVX2-only host oneDNN's is also the faster one for 2-4 rows). oneDNN's kernel has no
+    autograd formula, so with gradients on, 2-4 rows take the transposed product and other counts
+    ``F.linear``. Same function; the fp32 sums run in another order, so results can differ in the last bits.
     """
     if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32 \
             or torch.is_autocast_enabled('cpu'):
         return None
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    if 2 <= rows <= 4:
+    onednn = _ONEDNN_LINEAR and not torch.is_grad_enabled()
+    if 2 <= rows <= 4 and (_TRANSPOSED_FOR_FEW_ROWS or not onednn):
         y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)
         # back to row-major: a transposed view would reach attention with strided heads, which sends SDPA
         # to its math fallback (a copy of the keys per call); the copy here is only rows x out values
         y = y.T.contiguous()
-    elif 1 <= rows <= 16 and _ONEDNN_LINEAR and not torch.is_grad_enabled():   # no autograd formula
+    elif 1 <= rows <= 16 and onednn:
         y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, 'none', [], '')
     else:
         return None

@@ -8,6 +8,7 @@ import torch
 from models.blip import BLIP_Decoder, load_med_config
 from models.generation import apply_repetition_penalty, generate, top_k_top_p_filter
 from models.med import MEDLMHeadModel
+from tests.dispatched import DispatchedOps
 from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
 
 SEP, PAD, DEC = 102, 0, 30522
@@ -165,23 +166,12 @@ def test_a_decode_step_runs_one_projection_per_attention_input(decoder, amp):
     """Launch count of a cached decode step (a GPU's eager decoding is bound by it): per layer one fused
     query/key/value product and one cross-attention query product (image keys/values come precomputed),
     two output products and two FFN products; under autocast one cast per product input that is fp32."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     layers = TINY_MED['num_hidden_layers']
     image = torch.randn(2, 5, TINY_MED['encoder_width'])
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
         cross_kv = decoder.bert.precompute_cross_kv(image)
         first = decoder.bert(prompts(2), cross_kv=cross_kv, use_cache=True, is_decoder=True)
-        with Count() as count:
+        with DispatchedOps() as count:
             decoder.bert(prompts(2)[:, -1:], past_key_values=first.past_key_values, cross_kv=cross_kv,
                          use_cache=True, is_decoder=True)
     products = [op for op in count.ops if op in ('addmm', 'mm', '_linear_pointwise')]  # bmm: CPU math attention
@@ -190,23 +180,15 @@ def test_a_decode_step_runs_one_projection_per_attention_input(decoder, amp):
         assert count.ops.count('_to_copy') == 3 * layers
 
 
-@pytest.mark.parametrize('B, num_beams', [(1, 3), (2, 3), (1, 1)])  # 3 rows: transposed kernel; 6, 1: oneDNN
-def test_decoding_attention_takes_the_fused_cpu_kernel(decoder, B, num_beams):
+@pytest.mark.parametrize('B, num_beams', [(1, 3), (2, 3), (1, 1)])  # 3 decode rows, 6, 1 (and a 4-row prompt)
+@pytest.mark.parametrize('transposed_for_few_rows', [False, True])     # the AVX2 and the AVX-512 kernel choice
+def test_decoding_attention_takes_the_fused_cpu_kernel(decoder, B, num_beams, transposed_for_few_rows, monkeypatch):
     """Every attention call of decoding gets row-major heads, so CPU SDPA runs its fused kernel. The skinny
-    CPU linear layers once returned a transposed view: strided heads sent SDPA to its math fallback, which
-    copies the keys per call (25% of CPU caption decoding at base size)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as seen:
+    CPU linear layers once returned a transposed view for 2-4 rows: strided heads sent SDPA to its math
+    fallback, which copies the keys per call (25% of CPU caption decoding at base size)."""
+    from models import med
+    monkeypatch.setattr(med, '_TRANSPOSED_FOR_FEW_ROWS', transposed_for_few_rows)
+    with DispatchedOps() as seen:
         generate(decoder, prompts(B), images(B), num_beams=num_beams, max_length=8)
     fused = seen.ops.count('_scaled_dot_product_flash_attention_for_cpu')
     assert fused == 2 * TINY_MED['num_hidden_layers'] * (8 - 4)   # self + cross, every layer, every step

@@ -7,6 +7,7 @@ import torch
 
 from models.blip import DEFAULT_VOCAB, init_tokenizer, load_med_config
 from models.med import MED, MEDConfig, MEDLMHeadModel, math_attention, resize_token_embeddings
+from tests.dispatched import DispatchedOps
 from tests.tiny import TINY_MED
 
 REF = Path(__file__).parent / 'reference_keys'
@@ -241,18 +242,7 @@ def test_image_tokens_are_cast_once_under_autocast_with_the_same_outputs(monkeyp
     """Under bf16 autocast the fp32 image tokens are cast once per forward, not by each layer's key and value
     projection (one copy per layer, kept for backward, as key and value are one fused linear); the outputs
     are bit-identical."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     import models.med as med
-
-    class CountCasts(TorchDispatchMode):
-        def __init__(self, shape):
-            super().__init__()
-            self.shape, self.count = shape, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
-                self.count += 1
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     model = MED(tiny(num_hidden_layers=3)).train()
@@ -260,9 +250,9 @@ def test_image_tokens_are_cast_once_under_autocast_with_the_same_outputs(monkeyp
 
     def run():
         torch.manual_seed(1)  # same dropout masks
-        with torch.autocast('cpu', dtype=torch.bfloat16), CountCasts(tuple(image.shape)) as casts:
+        with torch.autocast('cpu', dtype=torch.bfloat16), DispatchedOps() as seen:
             out = model(ids, attention_mask=mask, encoder_hidden_states=image).last_hidden_state
-        return out, casts.count
+        return out, list(zip(seen.ops, seen.shapes)).count(('_to_copy', tuple(image.shape)))
 
     once, n_once = run()
     monkeypatch.setattr(med, 'autocast_context', lambda states: states)
@@ -351,9 +341,11 @@ def test_tokenizer_that_failed_to_load_is_an_error(tmp_path):
 
 @pytest.mark.parametrize('rows', [1, 2, 3, 4, 5, 6, 8, 16, 17, 40])
 @pytest.mark.parametrize('grad', [False, True])
-def test_skinny_cpu_linear_is_the_same_function(rows, grad):
+@pytest.mark.parametrize('transposed_for_few_rows', [False, True])   # the AVX2 and the AVX-512 kernel choice
+def test_skinny_cpu_linear_is_the_same_function(rows, grad, transposed_for_few_rows, monkeypatch):
     """The decode-time CPU kernels for a few rows compute F.linear (to fp32 rounding), in any input shape."""
     from models import med
+    monkeypatch.setattr(med, '_TRANSPOSED_FOR_FEW_ROWS', transposed_for_few_rows)
     torch.manual_seed(rows)
     layer = med.Linear(96, 200)
     x = torch.randn(rows, 1, 96, requires_grad=grad)
@@ -362,6 +354,10 @@ def test_skinny_cpu_linear_is_the_same_function(rows, grad):
         # rows 2-4 take the transposed product (autograd-safe); 1 and 5-16 oneDNN's kernel, only without grad
         expect_fast = 2 <= rows <= 4 or (rows <= 16 and not grad and med._ONEDNN_LINEAR)
         assert (fast is not None) == expect_fast
+        if 2 <= rows <= 4 and not grad and med._ONEDNN_LINEAR:   # the kernel the host's choice names
+            with DispatchedOps() as seen:
+                med.skinny_cpu_linear(x, layer.weight, layer.bias)
+            assert ('addmm' if transposed_for_few_rows else '_linear_pointwise') in seen.ops
         out, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert out.shape == ref.shape == (rows, 1, 200)
     assert out.is_contiguous()   # row-major as F.linear's: attention needs unit-stride heads for its fused kernel
