@@ -351,10 +351,11 @@ def test_skinny_cpu_linear_is_the_same_function(rows, grad, transposed_for_few_r
     x = torch.randn(rows, 1, 96, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         fast = med.skinny_cpu_linear(x, layer.weight, layer.bias)
-        # rows 2-4 take the transposed product (autograd-safe); 1 and 5-16 oneDNN's kernel, only without grad
+        # with grad: rows 2-4 the transposed product (autograd-safe), others F.linear; without grad: 1 and 5-16
+        # oneDNN's kernel, 2-4 the transposed product or oneDNN's, as _TRANSPOSED_FOR_FEW_ROWS says
         expect_fast = 2 <= rows <= 4 or (rows <= 16 and not grad and med._ONEDNN_LINEAR)
         assert (fast is not None) == expect_fast
-        if 2 <= rows <= 4 and not grad and med._ONEDNN_LINEAR:   # the kernel the host's choice names
+        if 2 <= rows <= 4 and not grad and med._ONEDNN_LINEAR:   # the kernel the (patched) choice names
             with DispatchedOps() as seen:
                 med.skinny_cpu_linear(x, layer.weight, layer.bias)
             assert ('addmm' if transposed_for_few_rows else '_linear_pointwise') in seen.ops
