@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from engine.runner import CommonConfig, Run
 from models.blip_pretrain import blip_pretrain, init_from_pretrained
 
@@ -40,6 +42,9 @@ class PretrainConfig(CommonConfig):
     med_config: str = 'configs/bert_config.json'
     init_vit: str = ''    # e.g. 'deit_base_patch16_224.fb_in1k' (the original's DeiT-B) or a file
     init_text: str = ''   # e.g. 'bert-base-uncased' or a local BERT folder
+    # not in the original: record the whole step (forward, backward, AdamW) once as a CUDA graph and replay it
+    # per batch (engine.cuda_graph); one process, no accum_steps / clip_grad / fp16
+    cuda_graph: bool = False
 
 
 def lr_function(config: PretrainConfig, epoch: int):
@@ -53,14 +58,44 @@ def lr_function(config: PretrainConfig, epoch: int):
     return warmup
 
 
+def distillation_weight(config: PretrainConfig, ctx) -> float:
+    """alpha ramps up linearly over the first two epochs (original)."""
+    progress = (ctx.epoch * ctx.steps_per_epoch + ctx.step) / (2 * ctx.steps_per_epoch)
+    return config.alpha * min(1.0, progress)
+
+
 def make_step(config: PretrainConfig):
     def pretrain_step(model, batch, ctx) -> dict:
         image, caption = batch[0], batch[1]
-        # the distillation weight ramps up over the first two epochs
-        progress = (ctx.epoch * ctx.steps_per_epoch + ctx.step) / (2 * ctx.steps_per_epoch)
-        alpha = config.alpha * min(1.0, progress)
-        loss_ita, loss_itm, loss_lm = model(image.to(ctx.device, non_blocking=True), caption, alpha=alpha)
+        loss_ita, loss_itm, loss_lm = model(image.to(ctx.device, non_blocking=True), caption,
+                                            alpha=distillation_weight(config, ctx))
         return {'loss_ita': loss_ita, 'loss_itm': loss_itm, 'loss_lm': loss_lm}
+    return pretrain_step
+
+
+def make_graphed_step(config: PretrainConfig, model, optimizer):
+    """``cuda_graph: true``: the step of ``make_step`` plus its backward and AdamW update as one replayed graph.
+
+    Captions are tokenised on the host and, like the image and alpha, copied into the graph's static buffers;
+    the loop's autocast is active while the step runs (and is recorded)."""
+    from engine.cuda_graph import GraphedStep, guarded_update
+
+    def body(image, input_ids, attention_mask, alpha):
+        losses = dict(zip(('loss_ita', 'loss_itm', 'loss_lm'), model.losses(image, input_ids, attention_mask, alpha)))
+        total = sum(v.float() for v in losses.values())
+        total.backward()
+        guarded_update(optimizer, total)
+        return {k: v.detach() for k, v in losses.items()}
+
+    graphed = GraphedStep(body, optimizer)
+
+    def pretrain_step(_, batch, ctx) -> dict:
+        image, caption = batch[0], batch[1]
+        text = model.tokenize(caption, ctx.device)
+        return graphed(image=image.to(ctx.device, non_blocking=True), input_ids=text.input_ids,
+                       attention_mask=text.attention_mask,
+                       alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
+    pretrain_step.graphed = graphed
     return pretrain_step
 
 
@@ -76,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
     run.setup_model(model)
     stats = {}
-    step = make_step(config)
+    step = make_graphed_step(config, run.model_without_ddp, run.optimizer) if config.cuda_graph else make_step(config)
     for epoch in run.epochs():
         if config.laion_path and hasattr(train_set, 'reload_laion'):
             train_set.reload_laion(epoch)

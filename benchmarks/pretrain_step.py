@@ -25,6 +25,10 @@ def main(argv=None):
     p = parser('BLIP pretraining step (ITC+ITM+LM, fwd+bwd+AdamW)', batch=64, image_size=224)
     p.add_argument('--queue-size', type=int, default=None, help='default 57600 (base) / 64 (tiny)')
     p.add_argument('--alpha', type=float, default=0.4)
+    p.add_argument('--cuda-graph', action='store_true',
+                   help='record the whole step (fwd+bwd+fused AdamW) once as a CUDA graph and replay it '
+                        '(engine.cuda_graph); captions tokenised once, outside the step')
+    p.add_argument('--graph-warmup', type=int, default=3, help='eager steps before the capture (--cuda-graph)')
     args = finish_args(add_step_args(p).parse_args(argv))
     try:
         from models.blip_pretrain import blip_pretrain
@@ -39,25 +43,82 @@ def main(argv=None):
     maybe_compile(model, args)
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)
     caps = [c[len('a picture of '):] for c in captions(args.batch, seed=1)]
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=3e-4, weight_decay=0.05,
-                            fused=dev == 'cuda')
+    if args.cuda_graph:
+        step, flops, graph_extra = graphed_pretrain_step(model, image, caps, args)
+    else:
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=3e-4, weight_decay=0.05,
+                                fused=dev == 'cuda')
 
-    def step():
-        with autocast(args):
-            loss_ita, loss_itm, loss_lm = model(image, caps, alpha=args.alpha)
-            loss = loss_ita + loss_itm + loss_lm
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        def step():
+            with autocast(args):
+                loss_ita, loss_itm, loss_lm = model(image, caps, alpha=args.alpha)
+                loss = loss_ita + loss_itm + loss_lm
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
-    flops = None if args.no_flops else count_flops(step)
-    timing = time_fn(step, args)
-    extra = {'queue_size': queue}
+        flops = None if args.no_flops else count_flops(step)
+        graph_extra = {}
+    timing = time_fn(step, args, warmup=max(args.warmup, args.graph_warmup + 2) if args.cuda_graph else None)
+    extra = {'queue_size': queue, **graph_extra}
     if args.profile:
         extra.update(device_busy(step, args, timing['median_s']))
-    impl = compiled_impl_name(args)
+    impl = compiled_impl_name(args) + ('_cudagraph' if args.cuda_graph else '')
+    if args.cuda_graph:
+        extra.update(graph_check(step))
     return [report(args, 'pretrain_step', impl, timing, args.batch, flops=flops, extra=extra)]
+
+
+def graphed_pretrain_step(model, image, caps, args):
+    """The step of ``engine.cuda_graph.GraphedStep``: tokens, image and alpha as static buffers, fused capturable
+    AdamW with a device learning rate, the update skipped on the device for a non-finite loss.
+
+    Returns (step, FLOPs of one eager step (useful work: the LM head at target positions only), extra fields)."""
+    from engine.cuda_graph import GraphedStep, guarded_update
+    dev = args.device
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=torch.tensor(3e-4, device=dev), weight_decay=0.05, fused=True,
+                            capturable=dev == 'cuda')
+    text = model.tokenize(caps, dev)
+    inputs = dict(image=image, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                  alpha=torch.tensor(args.alpha, device=dev))
+
+    def body(image, input_ids, attention_mask, alpha):
+        with autocast(args):
+            loss_ita, loss_itm, loss_lm = model.losses(image, input_ids, attention_mask, alpha)
+            loss = loss_ita + loss_itm + loss_lm
+        loss.backward()
+        guarded_update(opt, loss)
+        return {'loss': loss.detach(), 'loss_ita': loss_ita.detach(), 'loss_itm': loss_itm.detach(),
+                'loss_lm': loss_lm.detach()}
+
+    def eager_once():
+        opt.zero_grad(set_to_none=True)
+        return body(**inputs)
+
+    flops = None if args.no_flops else count_flops(eager_once)
+    graphed = GraphedStep(body, opt, warmup=args.graph_warmup)
+    eager_losses = []
+
+    def step():
+        out = graphed(**inputs)
+        if not graphed.captured:
+            eager_losses.append(float(out['loss']))
+        return out
+    step.graphed, step.eager_losses, step.queue_ptr = graphed, eager_losses, model.queue_ptr
+    return step, flops, {'graph_warmup': args.graph_warmup}
+
+
+def graph_check(step) -> dict:
+    """Signs that the replays train like the eager steps: the losses stay finite and near the eager ones,
+    every replay advances the queue pointer (its in-place update is in the graph)."""
+    ptr0 = int(step.queue_ptr)
+    losses = [float(step()['loss']) for _ in range(3)]
+    out = {'captured': step.graphed.captured, 'eager_warmup_losses': step.eager_losses,
+           'replay_losses': losses, 'queue_ptr_advance_per_replay': (int(step.queue_ptr) - ptr0) / 3}
+    print('graph check:', out, flush=True)
+    return out
 
 
 if __name__ == '__main__':

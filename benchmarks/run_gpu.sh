@@ -27,6 +27,7 @@ run() {
 RR=${RERANK_IMAGES:-48}; NI=${N_IMAGES:-5000}; CK=${CHECK_K:-256}
 if [ -n "${QUICK:-}" ]; then  # the open items of issue 7 only, most important first (about 8 minutes on an H100)
   run pretrain_step.py $C --amp bf16 --profile              # the unmet target; --profile: device-busy fraction
+  run pretrain_step.py $C --amp bf16 --profile --cuda-graph --no-flops   # whole step as one CUDA graph
   run caption_generate.py $C --amp bf16 --batches 32,1 --compare-hf --interleave --cuda-graph --iters 10 --warmup 2
   T=300 run pretrain_step.py $C --amp bf16 --profile --compile --no-flops --warmup 5   # regional torch.compile
   run graph_decode.py $C --amp bf16 --batches 32,1          # kept graph vs calls that each capture
@@ -41,6 +42,7 @@ run caption_generate.py $C --amp bf16 --batches 32,1 --compare-hf
 run graph_decode.py $C --amp bf16 --batches 32,1
 run caption_train.py $C --amp bf16 --compare-hf
 run pretrain_step.py $C --amp bf16
+run pretrain_step.py $C --amp bf16 --cuda-graph --no-flops
 if [ "$DEV" = cuda ]; then  # regional torch.compile, default mode and with CUDA graphs per compiled unit
   T=480 run pretrain_step.py $C --amp bf16 --profile --compile --no-flops --warmup 5
   T=480 run pretrain_step.py $C --amp bf16 --profile --compile --compile-mode reduce-overhead --no-flops --warmup 5

@@ -85,24 +85,32 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     lr_fn: Callable[[int], float], device: torch.device, precision: str = 'none',
                     accum_steps: int = 1, clip_grad: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
                     logger=None, start_step: int = 0, save_every_steps: int = 0,
-                    save_fn: Optional[Callable[[int], None]] = None, log_every: int = 50) -> dict:
+                    save_fn: Optional[Callable[[int], None]] = None, log_every: int = 50,
+                    step_updates: bool = False) -> dict:
     """Train one epoch from ``start_step``; return the epoch's mean losses (over ranks) and last LR.
 
     ``save_fn(next_step)`` is called on every rank after each ``save_every_steps``-th optimizer step.
     ``lr_fn`` receives the optimizer-step index (batch index // ``accum_steps``), so a warm-up of N steps
     spans N updates whatever the accumulation. The last window of an epoch that ``accum_steps`` does not
     divide averages over the batches it has.
+
+    ``step_updates``: ``step_fn`` runs backward and the optimizer update itself (a whole step replayed as a
+    CUDA graph, ``engine.cuda_graph``, which skips the update on the device for a non-finite loss); the loop
+    sets the LR before it and checks and logs the losses it returns. No accumulation, clipping or scaler then.
     """
     if precision not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
     if accum_steps < 1:
         raise ValueError(f'accum_steps must be >= 1, got {accum_steps}')
+    if step_updates and (accum_steps != 1 or clip_grad > 0 or scaler is not None):
+        raise ValueError(f'a step that updates the weights itself (cuda_graph) takes no accum_steps '
+                         f'({accum_steps}), clip_grad ({clip_grad}) or fp16 grad scaler ({scaler is not None})')
     steps = len(loader)
     model.train()
     sums: dict[str, float] = defaultdict(float)
     window: dict[str, float] = defaultdict(float)
     count = window_count = 0
-    lr = optimizer.param_groups[0]['lr']
+    lr = float(optimizer.param_groups[0]['lr'])
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     bar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch}', disable=not du.is_main_process(),
                dynamic_ncols=True, leave=False)
@@ -119,9 +127,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             with autocast(device, precision):
                 losses = step_fn(model, batch, step)
             values = _check_finite(losses, epoch, step)
-            loss = sum(v.float() for v in losses.values()) / window_size
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        if update:
+            if not step_updates:
+                loss = sum(v.float() for v in losses.values()) / window_size
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        if update and not step_updates:
             _optimizer_step(model, optimizer, scaler, clip_grad)
         for k, v in values.items():
             sums[k] += v

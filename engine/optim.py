@@ -24,15 +24,32 @@ def step_lr(epoch: int, init_lr: float, min_lr: float, decay_rate: float) -> flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate.
+
+    A capturable group (its update replayed in a CUDA graph, ``engine.cuda_graph``) keeps it as a device tensor
+    filled in place, which the recorded update reads; a resumed state dict may have put a number there.
+    Other groups get a number (a tensor from such a run's checkpoint would fail the foreach kernels).
+    """
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        if group.get('capturable'):
+            if not isinstance(group['lr'], torch.Tensor):
+                group['lr'] = torch.tensor(float(lr), dtype=torch.float32, device=group['params'][0].device)
+            group['lr'].fill_(lr)
+        else:
+            group['lr'] = lr
 
 
-def create_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
+def create_optimizer(model: torch.nn.Module, config, capturable: bool = False) -> torch.optim.AdamW:
     """AdamW over every trainable parameter, one group, default betas/eps, as the original.
 
     The fused CUDA kernel is used when every parameter is on a CUDA device (same math, one launch).
+    ``capturable``: fused, with the step count and a tensor learning rate on the parameters' device, so that
+    the update can be recorded in a CUDA graph (``engine.cuda_graph``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    weight_decay = config.get('weight_decay', 0.05)
+    if capturable:
+        lr = torch.tensor(float(config.init_lr), dtype=torch.float32, device=params[0].device)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True, capturable=True)
     fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=config.init_lr, weight_decay=config.get('weight_decay', 0.05), fused=fused or None)
+    return torch.optim.AdamW(params, lr=config.init_lr, weight_decay=weight_decay, fused=fused or None)

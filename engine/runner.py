@@ -147,7 +147,18 @@ class Run:
         if self.device.type == 'cuda':
             model = model.to(memory_format=torch.channels_last)
         self.model_without_ddp = model
-        self.optimizer = create_optimizer(model, self.config)
+        graphed = self.config.get('cuda_graph', False)
+        if graphed:
+            problems = ([f'{du.get_world_size()} processes'] if du.get_world_size() > 1 else []) + \
+                ([f'accum_steps {self.config.accum_steps}'] if self.config.accum_steps != 1 else []) + \
+                ([f'clip_grad {self.config.clip_grad}'] if self.config.clip_grad > 0 else []) + \
+                (['amp fp16 (its grad scaler)'] if self.precision == 'fp16' else [])
+            if problems:
+                raise ValueError(f'{self.args.config}: cuda_graph replays one whole step in one process without '
+                                 f'accumulation, clipping or loss scaling; this run has {", ".join(problems)}')
+            if self.device.type != 'cuda' and self.is_main:
+                print('cuda_graph: no CUDA device, the step runs eagerly on the static buffers a graph would use')
+        self.optimizer = create_optimizer(model, self.config, capturable=graphed)
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._maybe_resume()
@@ -203,7 +214,8 @@ class Run:
                                precision=self.precision, accum_steps=self.config.accum_steps,
                                clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                device=self.device, start_step=start_step, log_every=self.config.log_every,
-                               save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch)
+                               save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
+                               step_updates=self.config.get('cuda_graph', False))
 
     # ------------------------------------------------------------------------------------------ outputs
     def save(self, name: str, epoch: int) -> None:

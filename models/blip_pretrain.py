@@ -22,7 +22,7 @@ original. Differences, all behind the same interface:
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,12 @@ from models.losses import itc_loss, itm_loss, itm_negative_weights, sample_negat
 from models.med import MED, MEDLMHeadModel, resize_token_embeddings, select_cross_kv, share_encoder_decoder
 from models.momentum import FeatureQueue, all_gather_no_grad, copy_params, get_rank, momentum_update
 from models.vit import create_vit
+
+
+class TextBatch(NamedTuple):
+    """Tokenised captions: [B, L] ids and attention mask (the fields of a tokenizer's output the models read)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
 
 
 def fp32(device: torch.device):
@@ -64,7 +70,8 @@ def itm_first_tokens(text_encoder: MED, image_kv: list, neg_image_kv: list, ids,
     return torch.cat([pair[:, 0], swapped, pair[:, 1]])
 
 
-def momentum_itc(model: nn.Module, image_embeds: torch.Tensor, image: torch.Tensor, text, alpha: float,
+def momentum_itc(model: nn.Module, image_embeds: torch.Tensor, image: torch.Tensor, text,
+                 alpha: Union[float, torch.Tensor],
                  idx: Optional[torch.Tensor] = None):
     """ITC with momentum distillation and feature queues (reference 5.4 steps 2-5, 5.5), shared by
     BLIP_Pretrain and BLIP_Retrieval; updates the momentum encoders and enqueues as a side effect.
@@ -184,6 +191,11 @@ class BLIP_Pretrain(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
+    def tokenize(self, caption: Union[str, Sequence[str]], device=None) -> 'TextBatch':
+        """The captions as the model reads them: [B, 30] ids and mask (padded to 30, as the original)."""
+        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=30, return_tensors='pt')
+        return TextBatch(text.input_ids.to(device), text.attention_mask.to(device))
+
     def forward(self, image: torch.Tensor, caption: Union[str, Sequence[str]], alpha: float):
         """Pretraining losses of a batch.
 
@@ -193,11 +205,20 @@ class BLIP_Pretrain(nn.Module):
         Returns:
             (loss_ita, loss_itm, loss_lm), fp32 scalars; the training objective is their sum.
         """
+        text = self.tokenize(caption, image.device)
+        return self.losses(image, text.input_ids, text.attention_mask, alpha)
+
+    def losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               alpha: Union[float, torch.Tensor]):
+        """``forward`` on tokenised captions (``tokenize``).
+
+        Nothing here needs a device value on the host while a CUDA graph is recorded (the LM loss then keeps
+        static shapes), so every input, ``alpha`` included as a 0-dim tensor, can be a static buffer that is
+        refilled before each replay (``engine.cuda_graph``)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_embeds = self.visual_encoder(image)                                          # [B, N, Dv]
-        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=30,
-                              return_tensors='pt').to(image.device)
+        text = TextBatch(input_ids, attention_mask)
         loss_ita, _, _, sim_i2t, sim_t2i = momentum_itc(self, image_embeds, image, text, alpha)
 
         enc_ids = text.input_ids.clone()

@@ -32,17 +32,33 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'mean',
     return loss
 
 
+def capturing() -> bool:
+    """True while a CUDA graph is being recorded on the current stream: shapes must not depend on values."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def lm_loss_at_targets(hidden: torch.Tensor, labels: torch.Tensor, head, reduction: str = 'mean',
-                       label_smoothing: float = 0.1) -> torch.Tensor:
+                       label_smoothing: float = 0.1, static_shapes: Optional[bool] = None) -> torch.Tensor:
     """``lm_loss(head(hidden), labels)`` with the vocabulary head applied only where a target exists.
 
     Padding, prompt and the last position never reach the [*, V] projection, which dominates the
     decoder's cost (V = 30524); the value equals ``lm_loss`` on full logits.
+
+    Selecting the target positions needs their count on the host (a device sync, and a shape that changes
+    per batch), which a CUDA graph cannot record. ``static_shapes`` (default: while capturing a graph)
+    applies the head at every position instead, masking the loss: the same value, no sync.
     """
     if reduction not in ('mean', 'none'):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     targets = labels[:, 1:]
     valid = targets != -100
+    if capturing() if static_shapes is None else static_shapes:
+        per_token = F.cross_entropy(head(hidden[:, :-1]).float().flatten(0, 1), targets.flatten(),
+                                    reduction='none', label_smoothing=label_smoothing, ignore_index=-100)
+        per_token = per_token.view(targets.shape)
+        if reduction == 'mean':
+            return per_token.sum() / valid.sum()
+        return per_token.sum(1)
     logits = head(hidden[:, :-1][valid]).float()                                   # [N_valid, V]
     per_token = F.cross_entropy(logits, targets[valid], reduction='none', label_smoothing=label_smoothing)
     if reduction == 'mean':
@@ -110,8 +126,11 @@ def sample_negatives(weights: torch.Tensor, generator: Optional[torch.Generator]
     weights = weights.float()
     valid = weights.sum(1) > 0
     weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
-    indices = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    return indices, valid
+    # torch.multinomial(weights, 1)'s own algorithm (argmax of w / q, q ~ Exp(1): the same draws from the same
+    # generator), without its input checks: some torch versions read those back to the host, which stalls
+    # the launch queue and cannot be recorded in a CUDA graph (the rows here are valid by construction)
+    q = torch.empty_like(weights).exponential_(1, generator=generator)
+    return (weights / q).argmax(1), valid
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

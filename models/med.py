@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.losses import lm_loss, lm_loss_at_targets
+from models.losses import capturing, lm_loss, lm_loss_at_targets
 
 # BERT keys that appear in BERT/HF json files but mean nothing here.
 _IGNORED_CONFIG_KEYS = {
@@ -561,8 +561,10 @@ def cross_attention_mask(mask, dtype):
         mask = mask[:, None, None, :]
     elif mask.dim() == 3:
         mask = mask[:, None]
-    if bool(mask.min() == 1) if not torch.compiler.is_compiling() else False:
-        return None  # all-ones (every image mask): let SDPA pick its fastest kernel
+    # all-ones (every image mask): let SDPA pick its fastest kernel; a host read, so not while compiling or
+    # recording a CUDA graph (the additive mask of zeros is then the same function)
+    if not (torch.compiler.is_compiling() or capturing()) and bool(mask.min() == 1):
+        return None
     return (1.0 - mask.to(dtype)) * (-1e4 if dtype == torch.float16 else -1e9)
 
 

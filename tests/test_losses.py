@@ -109,3 +109,17 @@ def test_momentum_update_refuses_a_twin_whose_parameters_changed_since_copy_para
     twin.extra = nn.Parameter(torch.zeros(1), requires_grad=False)   # pairing by position would shift
     with pytest.raises(ValueError, match='momentum twin of Linear has 3 parameters, the online module 2'):
         momentum_update([(online, twin)], 0.9)
+
+
+def test_sample_negatives_draws_what_torch_multinomial_draws_from_the_same_generator():
+    """Same algorithm as torch.multinomial(w, 1) (the draws and the generator's use are identical), and the
+    same distribution: frequencies follow the weights."""
+    weights = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1e-4]])
+    for seed in range(20):
+        ours, _ = sample_negatives(weights, generator=torch.Generator().manual_seed(seed))
+        theirs = torch.multinomial(weights, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        assert torch.equal(ours, theirs)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_negatives(weights[:1], generator=g)[0] for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    torch.testing.assert_close(freq, weights[0], atol=0.03, rtol=0)

@@ -1,0 +1,127 @@
+"""A whole training step (forward, backward, optimizer update) recorded once as a CUDA graph and replayed.
+
+On a fast GPU an eager BLIP training step is bound by host work, not by the device: the pretraining step
+launches ~5200 kernels, and Python, autograd and the dispatcher spend ~30 us on each (BENCHMARKS.md). A CUDA
+graph launches all of them in one call. What this asks of the step:
+
+* every per-batch value comes from the tensors handed to ``GraphedStep`` (static buffers, refilled before each
+  replay): images, token ids, masks, and scalars such as the distillation weight as 0-dim tensors; a Python
+  number read inside the step is frozen at capture;
+* fixed shapes (captions padded to a fixed length, full batches), and no device value read on the host
+  (``.item()``, boolean indexing; ``BLIP_Pretrain.losses`` has none while a graph is recorded);
+* an optimizer that keeps its step count and learning rate on the device: fused AdamW with
+  ``capturable=True`` and a tensor ``lr`` (``engine.optim.set_lr`` fills it in place);
+* no process group: DDP's gradient all-reduce is not captured here.
+
+The first ``warmup`` calls run eagerly (on a side stream, which the capture needs: lazily created state such as
+cuBLAS workspaces must exist before recording); the next call records the graph and replays it; later calls
+only copy their inputs and replay. Without CUDA (``graph=False``) every call runs the step eagerly on the same
+static buffers and gradient protocol: the CPU tests use this.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ['GraphedStep', 'guarded_update']
+
+
+def guarded_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """``optimizer.step()``, skipped on the device when ``loss`` is not finite.
+
+    The eager loop reads the loss on the host and stops before the update; a graph cannot branch on a device
+    value, so the decision goes to the fused optimizer kernel through its ``found_inf`` input (the mechanism
+    ``GradScaler`` uses): the weights, moments and step count stay as they were, and the caller raises after
+    reading the loss.
+    """
+    if not getattr(optimizer, '_step_supports_amp_scaling', False):
+        raise TypeError(f'guarded_update needs an optimizer with a found_inf input (fused AdamW/Adam/SGD), '
+                        f'got {type(optimizer).__name__} with defaults {optimizer.defaults}')
+    optimizer.found_inf = (~torch.isfinite(loss.detach().float())).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+class GraphedStep:
+    """``step(**static) -> {name: tensor}`` captured as one CUDA graph after ``warmup`` eager calls.
+
+    Args:
+        step: the training step; it reads its inputs from the keyword tensors it is given (always the same
+            buffers), runs backward and the optimizer update itself (e.g. ``guarded_update``), and returns
+            detached output tensors. Gradients are cleared before each eager call and before the capture;
+            a replay writes them afresh, as the recorded backward did.
+        optimizer: the optimizer ``step`` updates (its gradients are cleared as above).
+        warmup: eager calls before the capture (>= 1; DDP-free PyTorch needs a few to settle lazy state).
+        graph: record a CUDA graph (default: when the first inputs are CUDA tensors).
+
+    Calling it copies the inputs into the static buffers (same keys, shapes and dtypes every call) and
+    returns the step's outputs; after the capture these are the graph's own tensors, overwritten by the next
+    replay (clone what must be kept).
+    """
+
+    def __init__(self, step: Callable[..., dict], optimizer: torch.optim.Optimizer, warmup: int = 3,
+                 graph: Optional[bool] = None):
+        if warmup < 1:
+            raise ValueError(f'warmup must be >= 1 eager call before the capture, got {warmup}')
+        self.step, self.optimizer, self.warmup, self.graph_enabled = step, optimizer, warmup, graph
+        self.static: Optional[dict[str, torch.Tensor]] = None
+        self.outputs: Optional[dict] = None
+        self.graph: Optional['torch.cuda.CUDAGraph'] = None
+        self.calls = 0
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, **inputs: torch.Tensor) -> dict:
+        self._fill(inputs)
+        if not self.graph_enabled or self.calls < self.warmup:
+            out = self._eager()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.outputs
+        self.calls += 1
+        return out
+
+    def _fill(self, inputs: dict) -> None:
+        if self.static is None:
+            bad = [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise TypeError(f'GraphedStep inputs must be tensors (a Python value would be frozen at capture): {bad}')
+            self.static = {k: v.detach().clone() for k, v in inputs.items()}
+            if self.graph_enabled is None:
+                self.graph_enabled = all(v.is_cuda for v in self.static.values())
+            return
+        if inputs.keys() != self.static.keys():
+            raise ValueError(f'GraphedStep was built for inputs {sorted(self.static)}, got {sorted(inputs)}')
+        for k, v in inputs.items():
+            own = self.static[k]
+            if not isinstance(v, torch.Tensor) or v.shape != own.shape or v.dtype != own.dtype:
+                got = f'{tuple(v.shape)} {v.dtype}' if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f'GraphedStep input {k!r}: {got}, but the step was built for '
+                                 f'{tuple(own.shape)} {own.dtype} (a graph replays fixed shapes: pad the batch)')
+            own.copy_(v, non_blocking=True)
+
+    def _eager(self) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.graph_enabled:
+            return self.step(**self.static)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.step(**self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # the recorded backward then writes the gradients, not adds
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a data loader's pin-memory thread may call CUDA while the step is recorded
+        with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+            self.outputs = self.step(**self.static)
+        self.graph = graph

@@ -1,0 +1,235 @@
+"""A whole training step as one CUDA graph (engine.cuda_graph): what can be checked without a GPU.
+
+A graph replays recorded kernels, so the step must read nothing back to the host and keep fixed shapes, must
+take every per-batch value from its static buffers, and must not update the weights on a non-finite loss
+(the eager loop checks the loss on the host first). The capture itself needs a GPU
+(``benchmarks/pretrain_step.py --cuda-graph``); here the same step runs eagerly on the same buffers.
+"""
+import copy
+
+import pytest
+import torch
+
+import models.losses
+from engine.cuda_graph import GraphedStep, guarded_update
+from engine.optim import create_optimizer, set_lr
+from models.losses import lm_loss_at_targets
+from tests.dispatched import DispatchedOps
+from tests.test_models_pretrain import CAPTIONS, images, tiny_pretrain
+
+# operators that read a device value on the host (a sync, forbidden while recording) or whose output shape
+# depends on values; boolean indexing runs nonzero inside the indexing kernel
+READS_BACK = {'_local_scalar_dense', 'nonzero', 'masked_select', 'unique', '_unique2', 'masked_scatter'}
+
+
+class HostReads(DispatchedOps):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func.overloadpacket.__name__ in ('index', 'index_put', 'index_put_') else ()
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices):
+            self.ops.append(f'{func.overloadpacket.__name__} with a boolean index')
+            self.shapes.append(None)
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def reads_back(self) -> list[str]:
+        return [op for op in self.ops if op in READS_BACK or 'boolean index' in op]
+
+
+def test_lm_loss_with_static_shapes_equals_the_loss_at_selected_targets():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 6))
+    labels[0, 4:] = -100
+    labels[2, 1:] = -100  # a row without any target
+    for reduction in ('mean', 'none'):
+        selected = lm_loss_at_targets(hidden, labels, head, reduction=reduction, static_shapes=False)
+        static = lm_loss_at_targets(hidden, labels, head, reduction=reduction, static_shapes=True)
+        torch.testing.assert_close(static, selected, rtol=1e-6, atol=1e-6)
+        g_sel = torch.autograd.grad(selected.sum(), [hidden, head.weight])
+        g_static = torch.autograd.grad(static.sum(), [hidden, head.weight])
+        for a, b in zip(g_static, g_sel):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert lm_loss_at_targets(hidden, torch.full_like(labels, -100), head, static_shapes=True).isnan()
+
+
+def test_pretraining_reads_nothing_back_while_a_graph_is_recorded(monkeypatch):
+    """Forward and backward of BLIP_Pretrain.losses: no host read once the LM loss keeps static shapes (the
+    eager path's target selection is the only one, so the check would see a regression elsewhere)."""
+    model = tiny_pretrain()
+    text = model.tokenize(CAPTIONS)
+    alpha = torch.tensor(0.4)
+
+    def fwd_bwd():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = sum(model.losses(images(4), text.input_ids, text.attention_mask, alpha))
+        loss.backward()
+
+    with HostReads() as eager:
+        fwd_bwd()
+    assert eager.reads_back() and all('boolean index' in op for op in eager.reads_back())
+    monkeypatch.setattr(models.losses, 'capturing', lambda: True)
+    with HostReads() as recorded:
+        fwd_bwd()
+    assert recorded.reads_back() == []
+    assert recorded.ops.count('exponential_') == 2  # both ITM negative draws ran, on the device
+
+
+def test_losses_on_tokens_with_a_tensor_alpha_equal_forward_on_captions():
+    model = tiny_pretrain()
+    text = model.tokenize(CAPTIONS)
+    assert text.input_ids.shape == (4, 30) == text.attention_mask.shape
+    torch.manual_seed(5)
+    expected = model(images(4), CAPTIONS, alpha=0.3)
+    model = tiny_pretrain()
+    torch.manual_seed(5)
+    got = model.losses(images(4), text.input_ids, text.attention_mask, torch.tensor(0.3))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class Schema(dict):
+    """The two keys create_optimizer reads."""
+
+    def __init__(self, init_lr):
+        super().__init__(weight_decay=0.05)
+        self.init_lr = init_lr
+
+
+def _step_for(model, opt):
+    def step(image, input_ids, attention_mask, alpha):
+        loss = sum(model.losses(image, input_ids, attention_mask, alpha))
+        loss.backward()
+        guarded_update(opt, loss)
+        return {'loss': loss.detach()}
+    return step
+
+
+def _batches(model, n):
+    caps = [CAPTIONS, CAPTIONS[::-1], ['a cat', 'grass', 'a man riding a horse on a beach', 'two cups']]
+    for i in range(n):
+        text = model.tokenize(caps[i % 3])
+        yield dict(image=images(4, seed=10 + i), input_ids=text.input_ids, attention_mask=text.attention_mask,
+                   alpha=torch.tensor(0.1 * i))
+
+
+def test_graphed_step_trains_like_the_eager_loop_on_its_static_buffers():
+    """Each batch is copied into the same buffers; the weights, moments, queue and losses follow the eager
+    loop (zero_grad, losses, backward, step) exactly, alpha changing per step."""
+    model = tiny_pretrain()
+    twin = copy.deepcopy(model)
+    opt = create_optimizer(model, Schema(init_lr=1e-3), capturable=True)
+    opt_twin = create_optimizer(twin, Schema(init_lr=1e-3), capturable=True)
+    lr = opt.param_groups[0]['lr']
+    graphed = GraphedStep(_step_for(model, opt), opt, warmup=2)
+    buffers = None
+    torch.manual_seed(7)
+    losses = []
+    for i, batch in enumerate(_batches(model, 4)):
+        set_lr(opt, 1e-3 / (i + 1))
+        losses.append(graphed(**batch)['loss'].clone())
+        buffers = buffers or {k: v.data_ptr() for k, v in graphed.static.items()}
+        assert {k: v.data_ptr() for k, v in graphed.static.items()} == buffers
+    torch.manual_seed(7)
+    for i, batch in enumerate(_batches(twin, 4)):
+        set_lr(opt_twin, 1e-3 / (i + 1))
+        opt_twin.zero_grad(set_to_none=True)
+        loss = sum(twin.losses(**batch))
+        loss.backward()
+        opt_twin.step()
+        assert torch.equal(losses[i], loss.detach())
+    assert not graphed.captured and graphed.calls == 4  # no CUDA: every call ran eagerly
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert opt.param_groups[0]['lr'] is lr and lr.item() == pytest.approx(1e-3 / 4)  # filled in place
+
+
+def test_graphed_step_refuses_other_shapes_keys_and_python_values():
+    model = tiny_pretrain()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=torch.tensor(1e-3), fused=True)
+    graphed = GraphedStep(_step_for(model, opt), opt)
+    batch = next(_batches(model, 1))
+    with pytest.raises(TypeError, match='alpha'):
+        graphed(**{**batch, 'alpha': 0.4})
+    graphed(**batch)
+    with pytest.raises(ValueError, match="'image'.*pad the batch"):
+        graphed(**{**batch, 'image': images(3)})
+    with pytest.raises(ValueError, match='inputs'):
+        graphed(image=batch['image'])
+    with pytest.raises(ValueError, match='warmup'):
+        GraphedStep(_step_for(model, opt), opt, warmup=0)
+
+
+def test_guarded_update_leaves_weights_and_moments_alone_on_a_non_finite_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(0.1), fused=True)
+    for bad in (False, True):
+        before = [p.detach().clone() for p in net.parameters()]
+        state = copy.deepcopy(opt.state_dict()['state'])
+        loss = net(torch.randn(3, 4)).sum() * (float('nan') if bad else 1.0)
+        loss.backward()
+        guarded_update(opt, loss)
+        changed = [not torch.equal(p, b) for p, b in zip(net.parameters(), before)]
+        if bad:
+            assert not any(changed)
+            assert all(torch.equal(opt.state[p]['step'], state[i]['step']) and
+                       torch.equal(opt.state[p]['exp_avg'], state[i]['exp_avg'])
+                       for i, p in enumerate(net.parameters()))
+        else:
+            assert all(changed)
+        opt.zero_grad(set_to_none=True)
+    assert not hasattr(opt, 'found_inf')
+    with pytest.raises(TypeError, match='found_inf'):
+        guarded_update(torch.optim.AdamW(net.parameters()), loss)
+
+
+# ---------------------------------------------------------------------------------------------- pretrain.py
+
+@pytest.fixture(scope='module')
+def toy(module_dir):
+    from data.toy import ensure_toy_dataset
+    return ensure_toy_dataset(module_dir('toy'), n_train=12, n_val=4, n_test=4, n_web=12, n_videos=2,
+                              video_frames=2)
+
+
+def _pretrain(toy, out, *options, resume=None):
+    import pretrain
+    r = str(toy)
+    argv = ['--config', 'configs/toy/pretrain.yaml', '--output_dir', str(out), '--device', 'cpu',
+            *(['--resume', str(resume)] if resume else []), '--options', f'toy_root={r}',
+            f'train_file=[{r}/annotation/coco_karpathy_train.json, {r}/annotation/pretrain_noisy.json]',
+            f'image_root={r}/images', 'num_workers=0', 'image_size=32', 'batch_size=8', 'queue_size=16',
+            'warmup_steps=3', 'max_epoch=2', 'log_every=1', *options]
+    return pretrain.main(argv)
+
+
+def test_pretrain_script_with_cuda_graph_trains_like_the_eager_step(toy, tmp_path):
+    """``cuda_graph: true`` (here without CUDA: the graph's step run eagerly on its buffers) gives the
+    eager script's losses and weights up to float rounding (tensor alpha and LR, fused AdamW), and its
+    checkpoint resumes in an eager run."""
+    torch.set_num_threads(1)
+    eager = _pretrain(toy, tmp_path / 'eager')
+    graphed = _pretrain(toy, tmp_path / 'graphed', 'cuda_graph=True')
+    for key in ('train_loss_ita', 'train_loss_itm', 'train_loss_lm'):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
+    a = torch.load(tmp_path / 'eager/checkpoint_last.pth', weights_only=True)
+    b = torch.load(tmp_path / 'graphed/checkpoint_last.pth', weights_only=True)
+    for k, want in a['model'].items():
+        got = b['model'][k]
+        # a key bias has no effect on attention (softmax is shift-invariant), so its gradient is rounding
+        # noise, which Adam scales up to full steps: those differ between any two summation orders
+        if k.endswith('key.bias'):
+            continue
+        if k.endswith('attn.qkv.bias'):  # ViT: query, key, value biases in one tensor
+            third = want.shape[0] // 3
+            got, want = torch.cat([got[:third], got[2 * third:]]), torch.cat([want[:third], want[2 * third:]])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=k)
+    assert isinstance(b['optimizer']['param_groups'][0]['lr'], torch.Tensor)
+    resumed = _pretrain(toy, tmp_path / 'graphed', 'max_epoch=3', resume=tmp_path / 'graphed/checkpoint_01.pth')
+    assert resumed['epoch'] == 2 and all(map(torch.isfinite, map(torch.tensor, resumed.values())))
+
+
+def test_pretrain_script_refuses_cuda_graph_with_accumulation_or_clipping(toy, tmp_path):
+    with pytest.raises(ValueError, match='accum_steps 2.*clip_grad 1.0'):
+        _pretrain(toy, tmp_path / 'bad', 'cuda_graph=True', 'accum_steps=2', 'clip_grad=1.0')
