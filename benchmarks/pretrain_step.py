@@ -12,6 +12,7 @@ A single process works without a process group (all-gathers are identities).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -29,6 +30,9 @@ def main(argv=None):
                    help='record the whole step (fwd+bwd+fused AdamW) once as a CUDA graph and replay it '
                         '(engine.cuda_graph); captions tokenised once, outside the step')
     p.add_argument('--graph-warmup', type=int, default=3, help='eager steps before the capture (--cuda-graph)')
+    p.add_argument('--no-cudnn-attention', action='store_true',
+                   help='SDPA restricted to flash / memory-efficient / math kernels (cuDNN attention is the H100 '
+                        "default pick; run_gpu.sh retries a failed --cuda-graph capture with this)")
     args = finish_args(add_step_args(p).parse_args(argv))
     try:
         from models.blip_pretrain import blip_pretrain
@@ -101,13 +105,20 @@ def graphed_pretrain_step(model, image, caps, args):
     graphed = GraphedStep(body, opt, warmup=args.graph_warmup)
     eager_losses = []
 
+    backends = contextlib.nullcontext
+    if args.no_cudnn_attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backends = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,  # noqa: E731
+                                        SDPBackend.MATH])
+
     def step():
-        out = graphed(**inputs)
+        with backends():
+            out = graphed(**inputs)
         if not graphed.captured:
             eager_losses.append(float(out['loss']))
         return out
     step.graphed, step.eager_losses, step.queue_ptr = graphed, eager_losses, model.queue_ptr
-    return step, flops, {'graph_warmup': args.graph_warmup}
+    return step, flops, {'graph_warmup': args.graph_warmup, 'no_cudnn_attention': args.no_cudnn_attention}
 
 
 def graph_check(step) -> dict:
