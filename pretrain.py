@@ -78,16 +78,12 @@ def make_graphed_step(config: PretrainConfig, model, optimizer):
 
     Captions are tokenised on the host and, like the image and alpha, copied into the graph's static buffers;
     the loop's autocast is active while the step runs (and is recorded)."""
-    from engine.cuda_graph import GraphedStep, guarded_update
+    from engine.cuda_graph import GraphedStep, training_step
 
-    def body(image, input_ids, attention_mask, alpha):
-        losses = dict(zip(('loss_ita', 'loss_itm', 'loss_lm'), model.losses(image, input_ids, attention_mask, alpha)))
-        total = sum(v.float() for v in losses.values())
-        total.backward()
-        guarded_update(optimizer, total)
-        return {k: v.detach() for k, v in losses.items()}
+    def losses(image, input_ids, attention_mask, alpha):
+        return dict(zip(('loss_ita', 'loss_itm', 'loss_lm'), model.losses(image, input_ids, attention_mask, alpha)))
 
-    graphed = GraphedStep(body, optimizer)
+    graphed = GraphedStep(training_step(losses, optimizer), optimizer)
 
     def pretrain_step(_, batch, ctx) -> dict:
         image, caption = batch[0], batch[1]
@@ -95,7 +91,6 @@ def make_graphed_step(config: PretrainConfig, model, optimizer):
         return graphed(image=image.to(ctx.device, non_blocking=True), input_ids=text.input_ids,
                        attention_mask=text.attention_mask,
                        alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
-    pretrain_step.graphed = graphed
     return pretrain_step
 
 

@@ -79,7 +79,7 @@ def graphed_pretrain_step(model, image, caps, args):
     AdamW with a device learning rate, the update skipped on the device for a non-finite loss.
 
     Returns (step, FLOPs of one eager step (useful work: the LM head at target positions only), extra fields)."""
-    from engine.cuda_graph import GraphedStep, guarded_update
+    from engine.cuda_graph import GraphedStep, training_step
     dev = args.device
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=torch.tensor(3e-4, device=dev), weight_decay=0.05, fused=True,
@@ -88,14 +88,11 @@ def graphed_pretrain_step(model, image, caps, args):
     inputs = dict(image=image, input_ids=text.input_ids, attention_mask=text.attention_mask,
                   alpha=torch.tensor(args.alpha, device=dev))
 
-    def body(image, input_ids, attention_mask, alpha):
+    def losses(image, input_ids, attention_mask, alpha):
         with autocast(args):
-            loss_ita, loss_itm, loss_lm = model.losses(image, input_ids, attention_mask, alpha)
-            loss = loss_ita + loss_itm + loss_lm
-        loss.backward()
-        guarded_update(opt, loss)
-        return {'loss': loss.detach(), 'loss_ita': loss_ita.detach(), 'loss_itm': loss_itm.detach(),
-                'loss_lm': loss_lm.detach()}
+            return dict(zip(('loss_ita', 'loss_itm', 'loss_lm'), model.losses(image, input_ids, attention_mask, alpha)))
+
+    body = training_step(losses, opt)
 
     def eager_once():
         opt.zero_grad(set_to_none=True)
@@ -115,7 +112,7 @@ def graphed_pretrain_step(model, image, caps, args):
         with backends():
             out = graphed(**inputs)
         if not graphed.captured:
-            eager_losses.append(float(out['loss']))
+            eager_losses.append(float(sum(out.values())))
         return out
     step.graphed, step.eager_losses, step.queue_ptr = graphed, eager_losses, model.queue_ptr
     return step, flops, {'graph_warmup': args.graph_warmup, 'no_cudnn_attention': args.no_cudnn_attention}
@@ -125,7 +122,7 @@ def graph_check(step) -> dict:
     """Signs that the replays train like the eager steps: the losses stay finite and near the eager ones,
     every replay advances the queue pointer (its in-place update is in the graph)."""
     ptr0 = int(step.queue_ptr)
-    losses = [float(step()['loss']) for _ in range(3)]
+    losses = [float(sum(step().values())) for _ in range(3)]
     out = {'captured': step.graphed.captured, 'eager_warmup_losses': step.eager_losses,
            'replay_losses': losses, 'queue_ptr_advance_per_replay': (int(step.queue_ptr) - ptr0) / 3}
     print('graph check:', out, flush=True)

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ['GraphedStep', 'guarded_update']
+__all__ = ['GraphedStep', 'guarded_update', 'training_step']
 
 
 def guarded_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -43,6 +43,18 @@ def guarded_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None
         optimizer.step()
     finally:
         del optimizer.found_inf
+
+
+def training_step(losses: Callable[..., dict], optimizer: torch.optim.Optimizer) -> Callable[..., dict]:
+    """A ``GraphedStep`` body from ``losses(**inputs) -> {name: scalar loss}``: backward of their (fp32) sum,
+    then ``guarded_update``; returns the detached losses."""
+    def step(**inputs: torch.Tensor) -> dict:
+        named = losses(**inputs)
+        total = sum(v.float() for v in named.values())
+        total.backward()
+        guarded_update(optimizer, total)
+        return {k: v.detach() for k, v in named.items()}
+    return step
 
 
 class GraphedStep:

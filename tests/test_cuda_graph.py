@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import models.losses
-from engine.cuda_graph import GraphedStep, guarded_update
+from engine.cuda_graph import GraphedStep, guarded_update, training_step
 from engine.optim import create_optimizer, set_lr
 from models.losses import lm_loss_at_targets
 from tests.dispatched import DispatchedOps
@@ -97,12 +97,7 @@ class Schema(dict):
 
 
 def _step_for(model, opt):
-    def step(image, input_ids, attention_mask, alpha):
-        loss = sum(model.losses(image, input_ids, attention_mask, alpha))
-        loss.backward()
-        guarded_update(opt, loss)
-        return {'loss': loss.detach()}
-    return step
+    return training_step(lambda **batch: {'loss': sum(model.losses(**batch))}, opt)
 
 
 def _batches(model, n):
