@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from engine.runner import CommonConfig, Run
-from models.blip_pretrain import blip_pretrain, init_from_pretrained
+from models.blip_pretrain import TextBatch, TokenizingCollate, blip_pretrain, init_from_pretrained
 
 
 @dataclass
@@ -64,10 +64,14 @@ def distillation_weight(config: PretrainConfig, ctx) -> float:
     return config.alpha * min(1.0, progress)
 
 
+def batch_text(batch) -> object:
+    """The batch's tokenised captions (``TokenizingCollate``), or its caption strings from any other loader."""
+    return batch[2] if len(batch) > 2 and isinstance(batch[2], TextBatch) else batch[1]
+
+
 def make_step(config: PretrainConfig):
     def pretrain_step(model, batch, ctx) -> dict:
-        image, caption = batch[0], batch[1]
-        loss_ita, loss_itm, loss_lm = model(image.to(ctx.device, non_blocking=True), caption,
+        loss_ita, loss_itm, loss_lm = model(batch[0].to(ctx.device, non_blocking=True), batch_text(batch),
                                             alpha=distillation_weight(config, ctx))
         return {'loss_ita': loss_ita, 'loss_itm': loss_itm, 'loss_lm': loss_lm}
     return pretrain_step
@@ -76,8 +80,8 @@ def make_step(config: PretrainConfig):
 def make_graphed_step(config: PretrainConfig, model, optimizer):
     """``cuda_graph: true``: the step of ``make_step`` plus its backward and AdamW update as one replayed graph.
 
-    Captions are tokenised on the host and, like the image and alpha, copied into the graph's static buffers;
-    the loop's autocast is active while the step runs (and is recorded)."""
+    The tokenised captions (from the loader's workers), the image and alpha are copied into the graph's static
+    buffers; the loop's autocast is active while the step runs (and is recorded)."""
     from engine.cuda_graph import GraphedStep, training_step
 
     def losses(image, input_ids, attention_mask, alpha):
@@ -86,10 +90,12 @@ def make_graphed_step(config: PretrainConfig, model, optimizer):
     graphed = GraphedStep(training_step(losses, optimizer), optimizer)
 
     def pretrain_step(_, batch, ctx) -> dict:
-        image, caption = batch[0], batch[1]
-        text = model.tokenize(caption, ctx.device)
-        return graphed(image=image.to(ctx.device, non_blocking=True), input_ids=text.input_ids,
-                       attention_mask=text.attention_mask,
+        text = batch_text(batch)
+        if not isinstance(text, TextBatch):
+            text = model.tokenize(text)
+        return graphed(image=batch[0].to(ctx.device, non_blocking=True),
+                       input_ids=text.input_ids.to(ctx.device, non_blocking=True),
+                       attention_mask=text.attention_mask.to(ctx.device, non_blocking=True),
                        alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
     return pretrain_step
 
@@ -98,10 +104,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, PretrainConfig, description=__doc__)
     config = run.config
     train_set = run.datasets('pretrain', min_scale=0.2)
-    (train_loader,) = run.loaders([train_set], [True], [config.batch_size])
     model = blip_pretrain(image_size=config.image_size, vit=config.vit, vit_grad_ckpt=config.vit_grad_ckpt,
                           vit_ckpt_layer=config.vit_ckpt_layer, queue_size=config.queue_size, momentum=config.momentum,
                           med_config=config.med_config)
+    # not in the original: captions are tokenised in the loader's workers, not between two training steps
+    (train_loader,) = run.loaders([train_set], [True], [config.batch_size], [TokenizingCollate(model.tokenizer)])
     if config.init_vit or config.init_text:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
     run.setup_model(model)

@@ -5,7 +5,7 @@ import torch
 
 from models.blip import BLIP_Base, BLIP_Decoder
 from models.blip_itm import BLIP_ITM, blip_itm
-from models.blip_pretrain import BLIP_Pretrain, init_from_pretrained
+from models.blip_pretrain import BLIP_Pretrain, TextBatch, TokenizingCollate, init_from_pretrained
 from models.blip_retrieval import BLIP_Retrieval, blip_retrieval
 from models.checkpoint import CheckpointError, load_checkpoint
 from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
@@ -40,6 +40,26 @@ def test_every_trainable_parameter_gets_a_gradient_and_momentum_follows_the_ema(
     for p_m, e in zip(twins, expected):
         torch.testing.assert_close(p_m, e, rtol=0, atol=1e-7)
     assert model.queue_ptr.item() == 4
+
+
+def test_captions_tokenised_in_loader_workers_give_the_losses_of_caption_strings():
+    # pretrain.py tokenises in its DataLoader workers (TokenizingCollate); a forked worker must produce the
+    # ids the model would, and forward on them must be the forward on the strings
+    model = tiny_pretrain()
+    samples = [(img, cap) for img, cap in zip(images(4), CAPTIONS)]
+    loader = torch.utils.data.DataLoader(samples, batch_size=4, num_workers=1,
+                                         collate_fn=TokenizingCollate(model.tokenizer))
+    image, caption, text = next(iter(loader))
+    assert isinstance(text, TextBatch) and list(caption) == CAPTIONS and text.input_ids.shape == (4, 30)
+    expected = model.tokenize(CAPTIONS)
+    assert torch.equal(text.input_ids, expected.input_ids) and torch.equal(text.attention_mask, expected.attention_mask)
+    torch.manual_seed(5)
+    from_strings = model(image, CAPTIONS, alpha=0.4)
+    twin = tiny_pretrain()  # forward moves the momentum encoders and the queues: a fresh copy for the second
+    torch.manual_seed(5)
+    from_tokens = twin(image, text, alpha=0.4)
+    for a, b in zip(from_strings, from_tokens):
+        assert torch.equal(a, b)
 
 
 def test_encoder_and_decoder_share_everything_but_self_attention():
