@@ -78,10 +78,10 @@ def caption_gt_file(config: CaptionConfig, split: str) -> str:
 def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, CaptionConfig, description=__doc__)
     config = run.config
+    train_set, val_set, test_set = run.datasets('caption_coco')  # first: writes the toy dataset on first use
     if run.is_main:  # fetched before training, so that a missing file cannot end a run after its first epoch
         for split in ('val', 'test'):
             caption_gt_file(config, split)
-    train_set, val_set, test_set = run.datasets('caption_coco')
     train_loader, val_loader, test_loader = run.loaders([train_set, val_set, test_set], [True, False, False],
                                                         [config.batch_size] * 3)
     model = blip_decoder(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,

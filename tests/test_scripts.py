@@ -205,3 +205,31 @@ def test_caption_ground_truth_is_downloaded_when_missing_and_checked_before_trai
     with pytest.raises(ValueError, match='coco_gt_root'):                # before any training step
         train_caption.main(argv('train_caption', toy, out) + ['coco_gt_root='])
     assert not list(out.glob('checkpoint_*.pth'))
+
+
+class _ReachedTheLoaders(Exception):
+    pass
+
+
+@pytest.mark.parametrize('script', sorted(CONFIGS))
+def test_readme_toy_command_finds_its_data_on_a_fresh_checkout(script, tmp_path, monkeypatch):
+    """The README's toy commands, run in a folder without ``output/``: the script writes the toy dataset before
+    it looks for any file of it (train_caption once checked its ground truth first, found it missing and tried to
+    download it). Stops when the data loaders are built; nothing may be downloaded."""
+    import data.utils
+    from engine.runner import Run
+
+    def no_download(url, root):
+        raise AssertionError(f'{script} tried to download {url} into {root}')
+
+    def stop(self, *args, **kwargs):
+        raise _ReachedTheLoaders
+
+    monkeypatch.setattr(data.utils, 'download_url', no_download)
+    monkeypatch.setattr(Run, 'loaders', stop)
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(script)
+    with pytest.raises(_ReachedTheLoaders):
+        module.main(['--config', str(ROOT / 'configs' / 'toy' / f'{CONFIGS[script]}.yaml'),
+                     '--output_dir', 'output/run', '--device', 'cpu', '--options', 'num_workers=0'])
+    assert (tmp_path / 'output' / 'toy_data').is_dir()
