@@ -15,7 +15,6 @@ import bisect
 import hashlib
 import json
 import os
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from data.loading import AnnotationError
+from data.utils import open_temp_beside
 
 Validator = Callable[[Any, str, int], None]
 _READ_CHUNK = 1 << 22
@@ -141,18 +141,18 @@ def build_index(source: str, offsets_path: Path, blob_path: Path, validate: Opti
     """
     offsets_path.parent.mkdir(parents=True, exist_ok=True)
     offsets = array('q', [0])
-    fd, blob_tmp = tempfile.mkstemp(dir=blob_path.parent, prefix=blob_path.name, suffix='.tmp')
+    blob, blob_tmp = open_temp_beside(blob_path)
     off_tmp = None
     try:
-        with os.fdopen(fd, 'wb') as blob:
+        with blob:
             for index, entry in enumerate(iter_json_entries(source)):
                 if validate is not None:
                     validate(entry, source, index)
                 data = json.dumps(entry, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
                 blob.write(data)
                 offsets.append(offsets[-1] + len(data))
-        fd, off_tmp = tempfile.mkstemp(dir=offsets_path.parent, prefix=offsets_path.name, suffix='.tmp')
-        with os.fdopen(fd, 'wb') as f:
+        f, off_tmp = open_temp_beside(offsets_path)
+        with f:
             np.save(f, np.frombuffer(offsets, dtype=np.int64))
         os.replace(blob_tmp, blob_path)
         os.replace(off_tmp, offsets_path)

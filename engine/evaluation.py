@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.utils import open_temp_beside
 from engine import distributed as du
 
 __all__ = ['save_result', 'coco_caption_eval', 'CAPTION_SCORERS', 'OPTIONAL_CAPTION_METRICS',
@@ -59,9 +59,9 @@ FILL = -100.0          # score of a pair that is not among a query's top-k candi
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    f, tmp = open_temp_beside(path, binary=False)
     try:
-        with os.fdopen(fd, 'w') as f:
+        with f:
             json.dump(obj, f)
         os.replace(tmp, path)
     except BaseException:

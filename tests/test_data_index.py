@@ -1,5 +1,6 @@
 """The compact pretraining index: JSON == JSONL, memory per entry, caching, errors, LAION rotation."""
 import json
+import os
 import pickle
 import tracemalloc
 
@@ -66,6 +67,19 @@ def test_index_in_cache_dir_and_pickles_small(tmp_path):
     assert index.offsets_path.parent == tmp_path / 'cache'
     blob = pickle.dumps(index)
     assert len(blob) < 2000 and pickle.loads(blob)[999] == entries(1000)[999]
+
+
+def test_index_files_get_the_umask_permissions(tmp_path):
+    # a cache shared by a group (BLIP_ANN_CACHE) must be readable by its other members, not 0600
+    write_lines(tmp_path / 'a.jsonl', entries(3))
+    old = os.umask(0o022)
+    try:
+        index = AnnotationIndex(str(tmp_path / 'a.jsonl'), cache_dir=str(tmp_path / 'cache'))
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / 'cache').iterdir())
+    assert index.offsets_path in files and not [f for f in files if f.suffix == '.tmp']
+    assert {os.stat(f).st_mode & 0o777 for f in files} == {0o644}
 
 
 @pytest.mark.parametrize('text, message', [

@@ -1,6 +1,7 @@
 """engine/evaluation.py: retrieval (image and video) against a plain implementation of the original protocol,
 recall metrics on hand-made matrices, result-file merging, COCO caption metrics (Java), VQA accuracy."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -216,6 +217,19 @@ def test_save_result_keeps_duplicates_without_a_key(tmp_path):
     assert json.loads(open(path).read()) == rows
     with pytest.raises(KeyError, match='image_id'):
         ev.save_result(rows, tmp_path, 'x', remove_duplicate='image_id')
+
+
+def test_result_files_get_the_umask_permissions_not_private_ones(tmp_path):
+    # an atomic write through tempfile.mkstemp left every result file 0600: unreadable by the rest of a
+    # research group (or by the account that uploads a VQA result to EvalAI)
+    old = os.umask(0o022)
+    try:
+        path = ev.save_result([{'image_id': 1, 'caption': 'a'}], tmp_path, 'val')
+    finally:
+        os.umask(old)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ['val.json', 'val_rank0.json']      # the merged file and this rank's part, no temporaries
+    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in files} == {0o644}
 
 
 # ------------------------------------------------------------------------------------------------ captions
