@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import io
 import os
 import typing
@@ -171,8 +172,10 @@ def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterabl
     known = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where(unknown[0])}: unknown config key(s) {unknown} for {schema.__name__}; "
-                          f"known keys: {sorted(known)}")
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = ''.join(f'; did you mean {m[0]!r} for {k!r}?' for k, m in close.items() if m)
+        raise ConfigError(f"{where(unknown[0])}: unknown config key(s) {unknown} for {schema.__name__}{hint} "
+                          f"(known keys: {sorted(known)})")
     values = {k: _check_type(k, v, hints[k], where(k)) for k, v in data.items()}
     return schema(**values)
 

@@ -70,6 +70,9 @@ def read_checkpoint(url_or_filename: str) -> dict:
             return {'model': read_hf_state_dict(path)}
         except (OSError, ValueError) as e:
             raise CheckpointError(f'{path}: not a readable HF checkpoint: {e}') from e
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f'{path}: the file is empty (0 bytes; a copy or download that did not finish?)')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -77,8 +80,9 @@ def read_checkpoint(url_or_filename: str) -> dict:
             f'{path}: refused to load: the file holds pickled Python objects that would run code when '
             f'loaded (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). Only load files '
             f'you trust; re-save a trusted one as a plain dict of tensors.') from e
-    except Exception as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
+    except Exception as e:  # torch's own traceback adds nothing to the file name and its message
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({size} bytes; torch.load: '
+                              f'{type(e).__name__}: {e}); truncated, or not a torch.save file?') from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{path}: expected a dict, got {type(checkpoint).__name__}')
     return dict(checkpoint)
@@ -117,7 +121,10 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if mismatched:
-        raise CheckpointError(f'{source}: shape mismatch for {len(mismatched)} key(s):\n  ' + '\n  '.join(mismatched))
+        shown = mismatched[:8] + ([f'... and {len(mismatched) - 8} more'] if len(mismatched) > 8 else [])
+        raise CheckpointError(f'{source}: shape mismatch for {len(mismatched)} key(s) (a model of another size '
+                              f"than the checkpoint's: check vit, image_size and med_config):\n  "
+                              + '\n  '.join(shown))
     kept = {k: v for k, v in state_dict.items() if k in own}
     result = model.load_state_dict(kept, strict=False)
     missing = sorted(result.missing_keys)

@@ -77,7 +77,7 @@ def _yaml(tmp_path, text: str) -> Path:
 
 def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
     path = _yaml(tmp_path, 'init_lr: 1e-4\nbatch_sise: 8\n')
-    with pytest.raises(ConfigError, match=r"c\.yaml.*'batch_sise'"):
+    with pytest.raises(ConfigError, match=r"c\.yaml.*'batch_sise'.*did you mean 'batch_size' for 'batch_sise'\?"):
         load_config(path, _Schema)
     with pytest.raises(ConfigError, match=r"^--options \(config .*c\.yaml\): unknown config key\(s\) \['nope'\]"):
         load_config(_yaml(tmp_path, 'init_lr: 1e-4\n'), _Schema, ['nope=3'])
@@ -359,6 +359,21 @@ def test_mismatched_or_malicious_checkpoints_are_refused(tmp_path):
     torch.save({'model': Evil(), 'epoch': 0}, tmp_path / 'evil.pth')
     with pytest.raises(CheckpointError, match='refused to load'):
         load_training_state(tmp_path / 'evil.pth', torch.nn.Linear(3, 2), None)
+
+
+def test_empty_truncated_or_foreign_checkpoint_files_say_what_they_are(tmp_path):
+    from models.checkpoint import read_checkpoint
+    path, _, _ = _ckpt(tmp_path)
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'half.pth').write_bytes(Path(path).read_bytes()[:200])
+    (tmp_path / 'config.pth').write_text('batch_size: 8\n')
+    with pytest.raises(CheckpointError, match=r'empty\.pth: the file is empty \(0 bytes'):
+        read_checkpoint(str(tmp_path / 'empty.pth'))
+    for name in ('half.pth', 'config.pth'):
+        with pytest.raises(CheckpointError, match=rf'{name}: not a readable PyTorch checkpoint \(\d+ bytes; '
+                                                  r'torch\.load: .*truncated, or not a torch\.save file') as e:
+            read_checkpoint(str(tmp_path / name))
+        assert e.value.__cause__ is None and e.value.__suppress_context__   # no torch-internal traceback
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
