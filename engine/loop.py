@@ -85,11 +85,14 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     lr_fn: Callable[[int], float], device: torch.device, precision: str = 'none',
                     accum_steps: int = 1, clip_grad: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
                     logger=None, start_step: int = 0, save_every_steps: int = 0,
-                    save_fn: Optional[Callable[[int], None]] = None, log_every: int = 50,
-                    step_updates: bool = False) -> dict:
+                    save_fn: Optional[Callable[[int, dict], None]] = None, log_every: int = 50,
+                    step_updates: bool = False, start_totals: Optional[dict] = None) -> dict:
     """Train one epoch from ``start_step``; return the epoch's mean losses (over ranks) and last LR.
 
-    ``save_fn(next_step)`` is called on every rank after each ``save_every_steps``-th optimizer step.
+    ``save_fn(next_step, totals)`` is called on every rank after each ``save_every_steps``-th optimizer step;
+    ``totals`` = ``{'sums': {loss: sum}, 'count': steps}`` of the epoch so far over all ranks (a collective).
+    Handed back as ``start_totals`` when the epoch resumes at ``next_step``, they make the returned means
+    cover the whole epoch, not only the steps after the resume.
     ``lr_fn`` receives the optimizer-step index (batch index // ``accum_steps``), so a warm-up of N steps
     spans N updates whatever the accumulation. The last window of an epoch that ``accum_steps`` does not
     divide averages over the batches it has.
@@ -110,6 +113,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     sums: dict[str, float] = defaultdict(float)
     window: dict[str, float] = defaultdict(float)
     count = window_count = 0
+    if start_totals and du.is_main_process():  # one rank carries them: the totals are summed over ranks
+        sums.update(start_totals['sums'])
+        count = int(start_totals['count'])
     lr = float(optimizer.param_groups[0]['lr'])
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     bar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch}', disable=not du.is_main_process(),
@@ -148,12 +154,17 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             window_count, t0 = 0, time.time()
         if save_fn is not None and save_every_steps and update and (step + 1) % save_every_steps == 0 \
                 and step + 1 < steps:
-            save_fn(step + 1)
+            save_fn(step + 1, _totals_over_ranks(sums, count, device))
     bar.close()
+    totals = _totals_over_ranks(sums, count, device)
+    n = max(totals['count'], 1)
+    return {'lr': lr, **{k: v / n for k, v in totals['sums'].items()}}
+
+
+def _totals_over_ranks(sums: dict, count: int, device: torch.device) -> dict:
     keys = sorted(sums)
     totals = du.all_reduce_sum([sums[k] for k in keys] + [count], device if device.type == 'cuda' else 'cpu')
-    n = max(totals[-1], 1)
-    return {'lr': lr, **{k: totals[i] / n for i, k in enumerate(keys)}}
+    return {'sums': dict(zip(keys, totals[:-1])), 'count': int(totals[-1])}
 
 
 def _optimizer_step(model, optimizer, scaler, clip_grad: float) -> None:

@@ -207,15 +207,23 @@ class Run:
         def wrapped_step(model, batch, step):
             return step_fn(model, batch, StepContext(epoch, step, steps, self.device))
 
-        def save_mid_epoch(step: int) -> None:
-            self.save_resume_point(epoch, (epoch, step))
+        def save_mid_epoch(step: int, totals: dict) -> None:
+            # the epoch's loss sums so far go with the resume point: a resumed epoch logs the mean of all its steps
+            self.progress['epoch_totals'] = {'epoch': epoch, 'step': step, **totals}
+            try:
+                self.save_resume_point(epoch, (epoch, step))
+            finally:
+                del self.progress['epoch_totals']
 
+        saved = self.progress.pop('epoch_totals', None)  # restored by --resume from a mid-epoch checkpoint
+        start_totals = saved if saved and start_step and (saved['epoch'], saved['step']) == (epoch, start_step) \
+            else None
         return train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
                                precision=self.precision, accum_steps=self.config.accum_steps,
                                clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                device=self.device, start_step=start_step, log_every=self.config.log_every,
                                save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                               step_updates=self.config.get('cuda_graph', False))
+                               step_updates=self.config.get("cuda_graph", False), start_totals=start_totals)
 
     # ------------------------------------------------------------------------------------------ outputs
     def save(self, name: str, epoch: int) -> None:

@@ -265,7 +265,7 @@ def test_non_finite_loss_stops_before_the_update_naming_the_step(tmp_path):
     loader = torch.utils.data.DataLoader(_Data(), batch_size=4)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3 step 2: \{'loss': nan\}"):
         train_one_epoch(model, loader, opt, step_fn, epoch=3, lr_fn=lambda s: 0.1, device=torch.device('cpu'),
-                        save_every_steps=1, save_fn=saved.append)
+                        save_every_steps=1, save_fn=lambda step, totals: saved.append(step))
     assert saved == [1, 2]  # checkpoints only after the good steps 0 and 1, none after the NaN
     assert torch.isfinite(model.weight).all()
 
@@ -295,28 +295,32 @@ def test_loop_resumes_mid_epoch_to_the_same_weights():
         loader = torch.utils.data.DataLoader(_Data(), batch_size=4, sampler=sampler)
         states = {}
 
-        def save(step):
-            states[step] = ({k: v.clone() for k, v in model.state_dict().items()}, pickle.dumps(opt.state_dict()))
+        def save(step, totals):
+            states[step] = ({k: v.clone() for k, v in model.state_dict().items()}, pickle.dumps(opt.state_dict()),
+                            totals)
             if step == stop_at:
                 raise KeyboardInterrupt
 
-        start = 0
+        start, totals = 0, None
         if resume is not None:
-            step, (weights, opt_state) = resume
+            step, (weights, opt_state, totals) = resume
             model.load_state_dict(weights)
             opt.load_state_dict(pickle.loads(opt_state))
             start = step
         try:
-            train_one_epoch(model, loader, opt, _mse_step, epoch=0, lr_fn=lambda s: 0.1,
-                            device=torch.device('cpu'), start_step=start, save_every_steps=1, save_fn=save)
+            stats = train_one_epoch(model, loader, opt, _mse_step, epoch=0, lr_fn=lambda s: 0.1,
+                                    device=torch.device('cpu'), start_step=start, save_every_steps=1, save_fn=save,
+                                    start_totals=totals)
         except KeyboardInterrupt:
             return None, states
-        return model, states
+        return (model, stats), states
 
-    full, _ = run()
+    (full, full_stats), _ = run()
     _, states = run(stop_at=2)
-    resumed, _ = run(resume=(2, states[2]))
+    assert states[2][2]['count'] == 2
+    (resumed, stats), _ = run(resume=(2, states[2]))
     torch.testing.assert_close(resumed.weight, full.weight, rtol=0, atol=0)
+    assert stats == full_stats  # the epoch's mean loss covers the steps before the resume too
 
 
 # -------------------------------------------------------------------------------------- checkpoints

@@ -80,3 +80,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(toy, tmp_path):
     assert not different, f'{len(different)} tensors differ after resume, e.g. {different[:3]}'
     # the queues and their pointer (buffers) are part of the resumed state too
     assert torch.equal(a['image_queue'], b['image_queue']) and torch.equal(a['queue_ptr'], b['queue_ptr'])
+    # and log.txt's line for the interrupted epoch averages all of its steps, as the uninterrupted run's does
+    epochs = [[json.loads(line) for line in (out / 'log.txt').read_text().splitlines()] for out in (straight, killed)]
+    assert epochs[0] == epochs[1] and [e['epoch'] for e in epochs[0]] == [0, 1]
