@@ -422,7 +422,8 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
                 web_ok = r['w'] >= config.threshold
                 counts['web_kept' if web_ok else 'web_removed'] += 1
                 hist['web'].add(r['w'])
-                for _, s in r['s']:
+                # a keep='web' re-merge of shards made with captions does not read them, nor counts them
+                for _, s in (r['s'] if config.keep != 'web' else ()):
                     counts['synthetic_kept' if s >= config.threshold else 'synthetic_removed'] += 1
                     hist['synthetic'].add(s)
                 key = 'image' if 'image' in entry else 'url'

@@ -20,19 +20,31 @@ from tqdm import tqdm
 from data import create_dataset, create_loader, create_sampler
 from engine import distributed as du
 from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
-from engine.config import CommonConfig, add_common_args, load_config, save_config
+from engine.config import CommonConfig, ConfigError, add_common_args, load_config, save_config
 from engine.logging import JsonLogger
 from engine.loop import AMP_DTYPES, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
+from models.checkpoint import is_url
 from models.compile import compile_layers
 
-__all__ = ['CommonConfig', 'Run', 'StepContext', 'cosine_epoch_lr', 'gather_objects', 'progress']
+__all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'cosine_epoch_lr', 'gather_objects',
+           'progress']
 
 
 def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
     """The original's per-epoch cosine schedule (constant within an epoch) as a step -> lr function."""
     lr = cosine_lr(epoch, max_epoch, init_lr, min_lr)
     return lambda step: lr
+
+
+def check_checkpoint_paths(args: argparse.Namespace, config) -> None:
+    """Fail before any output is written when ``pretrained`` or ``--resume`` names a local file that is not
+    there (a typo would otherwise surface after the output folder, its config.yaml and the data exist)."""
+    named = [(f'{args.config}: pretrained', config.get('pretrained', '')),
+             ('--resume', '' if getattr(args, 'resume', None) in (None, '', 'auto') else args.resume)]
+    for what, source in named:
+        if source and not is_url(source) and not Path(str(source).removeprefix('file://')).exists():
+            raise ConfigError(f'{what}: no such checkpoint file {str(source)!r}')
 
 
 def progress(iterable, desc: str):
@@ -95,11 +107,12 @@ class Run:
         add_common_args(parser)
         args = parser.parse_args(argv)
         config = load_config(args.config, schema, args.options or [])
+        check_checkpoint_paths(args, config)
         du.init_distributed_mode(args)
         device = resolve_device(args.device)
         du.seed_everything(args.seed, du.get_rank())
         if du.is_main_process():
-            Path(args.output_dir, 'result').mkdir(parents=True, exist_ok=True)
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # result/ appears with the first result file
             save_config(config, args.output_dir)
         du.barrier()
         if device.type == 'cuda':
@@ -185,6 +198,9 @@ class Run:
                                           rank=du.get_rank(), world_size=du.get_world_size(), progress=self.progress)
         self.start_epoch, self.start_step = epoch, step
         print(f'resumed from {path}: epoch {epoch}, step {step}')
+        if not self.args.evaluate and epoch >= self.config.max_epoch:
+            print(f'{path} finished all {self.config.max_epoch} epochs (max_epoch): nothing left to train; '
+                  f'raise max_epoch (--options max_epoch=N) to train on, or use another --output_dir')
 
     def epochs(self) -> range:
         if self.args.evaluate:

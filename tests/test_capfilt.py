@@ -203,6 +203,8 @@ def test_keep_web_remerges_shards_made_with_captions_but_makes_no_new_ones_among
         (copy / 'shards' / f.name).write_bytes(f.read_bytes())
     summary = run_capfilt(setup, copy, 'threshold=0.0', 'keep=web', 'captioner=')
     assert summary['web_pairs_out'] == full['web_kept'] and summary['synthetic_pairs_out'] == 0
+    assert summary['num_captions'] == 0 and summary['synthetic_kept'] + summary['synthetic_removed'] == 0
+    assert sum(summary['synthetic_score_histogram']['counts']) == 0  # the shards' synthetic scores are not read
     next(iter(sorted((copy / 'shards').glob('shard_*.json')))).unlink()
     with pytest.raises(RuntimeError, match='other data or settings'):
         run_capfilt(setup, copy, 'threshold=0.0', 'keep=web', 'captioner=')

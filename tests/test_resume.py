@@ -83,3 +83,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(toy, tmp_path):
     # and log.txt's line for the interrupted epoch averages all of its steps, as the uninterrupted run's does
     epochs = [[json.loads(line) for line in (out / 'log.txt').read_text().splitlines()] for out in (straight, killed)]
     assert epochs[0] == epochs[1] and [e['epoch'] for e in epochs[0]] == [0, 1]
+    # resuming a finished run trains nothing and says why, rather than exiting silently
+    again = subprocess.run(pretrain_cmd(toy, straight, '--resume', 'auto'), env=_env(), check=True,
+                           capture_output=True, text=True, timeout=600)
+    assert 'nothing left to train' in again.stdout and 'max_epoch' in again.stdout
+    assert _steps_logged(straight) == steps

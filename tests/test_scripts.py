@@ -178,6 +178,18 @@ def test_unknown_config_key_fails_before_any_work(toy, tmp_path):
     assert not (tmp_path / 'config.yaml').exists()
 
 
+def test_missing_checkpoint_file_fails_before_any_output(toy, tmp_path):
+    """A mistyped ``pretrained`` or ``--resume`` path is named before the output folder is made."""
+    from engine.config import ConfigError
+    import train_retrieval
+    out = tmp_path / 'out'
+    with pytest.raises(ConfigError, match=r"retrieval\.yaml: pretrained: no such checkpoint file '.*nope\.pth'"):
+        train_retrieval.main(argv('train_retrieval', toy, out) + [f'pretrained={tmp_path}/nope.pth'])
+    with pytest.raises(ConfigError, match=r"--resume: no such checkpoint file"):
+        train_retrieval.main(argv('train_retrieval', toy, out, '--resume', str(tmp_path / 'gone.pth')))
+    assert not out.exists()
+
+
 def test_caption_ground_truth_is_downloaded_when_missing_and_checked_before_training(toy, tmp_path, monkeypatch):
     """The original's coco_caption_eval downloads coco_karpathy_{val,test}_gt.json into coco_gt_root; a run
     must not train an epoch and then fail on a missing file or an unset key."""
