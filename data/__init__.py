@@ -49,11 +49,13 @@ def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
 
         ensure_toy_dataset(config['toy_root'], exact=False)
     req = lambda key: _required(config, key, dataset)  # noqa: E731
+    # Training splits only: an evaluation split that replaced an unreadable item by the next one would score
+    # that item under the wrong id (retrieval galleries, caption and VQA result files); it stops instead.
     skip = bool(config.get('skip_bad_samples', False))
     image_size = req('image_size')
     if dataset == 'retrieval_msrvtt':
         return VideoDataset(req('video_root'), req('ann_root'), num_frm=req('num_frm_test'),
-                            frm_sampling_strategy='uniform', max_img_size=image_size, skip_bad_samples=skip)
+                            frm_sampling_strategy='uniform', max_img_size=image_size)
     transform_train, transform_test = create_transforms(image_size, min_scale)
     if dataset == 'pretrain':
         return pretrain_dataset(req('train_file'), config.get('laion_path', ''), transform_train,
@@ -62,26 +64,26 @@ def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
         roots = (req('ann_root'), req('vqa_root'), config.get('vg_root', ''))
         train = vqa_dataset(transform_train, *roots, train_files=req('train_files'), split='train',
                             skip_bad_samples=skip)
-        test = vqa_dataset(transform_test, *roots, split='test', skip_bad_samples=skip)
+        test = vqa_dataset(transform_test, *roots, split='test')
         return train, test
     roots = (req('image_root'), req('ann_root'))
     if dataset == 'caption_coco':
         return (coco_karpathy_train(transform_train, *roots, prompt=config.get('prompt', ''), skip_bad_samples=skip),
-                coco_karpathy_caption_eval(transform_test, *roots, 'val', skip_bad_samples=skip),
-                coco_karpathy_caption_eval(transform_test, *roots, 'test', skip_bad_samples=skip))
+                coco_karpathy_caption_eval(transform_test, *roots, 'val'),
+                coco_karpathy_caption_eval(transform_test, *roots, 'test'))
     if dataset == 'nocaps':
-        return (nocaps_eval(transform_test, *roots, 'val', skip_bad_samples=skip),
-                nocaps_eval(transform_test, *roots, 'test', skip_bad_samples=skip))
+        return (nocaps_eval(transform_test, *roots, 'val'),
+                nocaps_eval(transform_test, *roots, 'test'))
     if dataset == 'retrieval_coco':
         return (coco_karpathy_train(transform_train, *roots, skip_bad_samples=skip),
-                coco_karpathy_retrieval_eval(transform_test, *roots, 'val', skip_bad_samples=skip),
-                coco_karpathy_retrieval_eval(transform_test, *roots, 'test', skip_bad_samples=skip))
+                coco_karpathy_retrieval_eval(transform_test, *roots, 'val'),
+                coco_karpathy_retrieval_eval(transform_test, *roots, 'test'))
     if dataset == 'retrieval_flickr':
         return (flickr30k_train(transform_train, *roots, skip_bad_samples=skip),
-                flickr30k_retrieval_eval(transform_test, *roots, 'val', skip_bad_samples=skip),
-                flickr30k_retrieval_eval(transform_test, *roots, 'test', skip_bad_samples=skip))
+                flickr30k_retrieval_eval(transform_test, *roots, 'val'),
+                flickr30k_retrieval_eval(transform_test, *roots, 'test'))
     return tuple(nlvr_dataset(transform_train if split == 'train' else transform_test, *roots, split,
-                              skip_bad_samples=skip) for split in ('train', 'val', 'test'))
+                              skip_bad_samples=skip and split == 'train') for split in ('train', 'val', 'test'))
 
 
 def create_sampler(datasets: Sequence[Dataset], shuffles: Sequence[bool], num_tasks: int,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
 
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -77,18 +78,41 @@ def _type_names(types: type | tuple) -> str:
     return ' or '.join(t.__name__ for t in _as_tuple(types))
 
 
-def load_image(path: str, index: int, ann_file: str) -> Image.Image:
+# the error of one unreadable training image says how to go on without it
+SKIP_HINT = ' (skip_bad_samples: true skips unreadable training samples; evaluation splits must be complete)'
+
+
+@contextmanager
+def lenient_decoding() -> Iterator[None]:
+    """PIL decodes truncated files (grey where data is missing) and skips its size limit, then the
+    settings are restored: only pretraining on web images opts in, as the original does for all of them."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str, index: int, ann_file: str, lenient: bool = False) -> Image.Image:
     """Open an image as RGB, fully decoded so that corrupt files fail here and not in a worker later.
+
+    ``lenient``: accept truncated and very large files (pretraining web data); otherwise a truncated
+    file is an error, not an image that is partly grey.
 
     Raises:
         BadSampleError: naming the image file, the annotation index and the annotation file.
     """
     try:
+        if lenient:
+            with lenient_decoding(), Image.open(path) as image:
+                return image.convert('RGB')
         with Image.open(path) as image:
             return image.convert('RGB')
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadSampleError(f'cannot read image {path} (annotation index {index} of {ann_file}): '
-                             f'{type(e).__name__}: {e}') from e
+                             f'{type(e).__name__}: {e}{SKIP_HINT}') from e
+
 
 
 class RobustDataset(Dataset):

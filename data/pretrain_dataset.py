@@ -9,15 +9,9 @@ import glob
 import os
 from typing import Callable, Optional, Sequence, Union
 
-from PIL import Image, ImageFile
-
 from data.ann_index import AnnotationIndex, ConcatIndex
 from data.loading import BadSampleError, RobustDataset, check_entry, join_root, load_image
 from data.utils import pre_caption
-
-# As in the original: web images are often truncated or huge; decode what is there.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-Image.MAX_IMAGE_PIXELS = None
 
 
 def check_pretrain_entry(entry, path: str, index: int) -> None:
@@ -91,5 +85,7 @@ class pretrain_dataset(RobustDataset):
         if path.startswith(('http://', 'https://')):
             raise BadSampleError(f'image {path} (annotation index {local} of {source}) is a remote URL; '
                                  f'download the images first and point the entries at local files')
-        image = load_image(join_root(self.image_root, path.removeprefix('file://')), local, source)
+        # as in the original, web images that are truncated or huge are decoded as far as they go (the original
+        # set this for every dataset in the process; here it is local to pretraining reads)
+        image = load_image(join_root(self.image_root, path.removeprefix('file://')), local, source, lenient=True)
         return self.transform(image), pre_caption(ann['caption'], self.max_words)

@@ -225,8 +225,41 @@ def test_skip_bad_samples_via_config(broken):
     img, ann, _ = broken
     config = {'image_root': str(img), 'ann_root': str(ann), 'image_size': 16, 'skip_bad_samples': True}
     train, val, test = create_dataset('retrieval_coco', config)
-    assert train.skip_bad_samples and val.skip_bad_samples
+    assert train.skip_bad_samples and not val.skip_bad_samples and not test.skip_bad_samples
     assert train[1][2] == 0 and train.num_bad_samples == 1
+
+
+def test_eval_splits_never_replace_an_unreadable_image(broken):
+    """A replaced gallery image would be scored under the missing one's id: evaluation stops instead, naming it
+    and saying that skipping covers training splits only."""
+    img, ann, _ = broken
+    config = {'image_root': str(img), 'ann_root': str(ann), 'image_size': 16, 'skip_bad_samples': True}
+    for name in ('retrieval_coco', 'caption_coco'):
+        val = create_dataset(name, config)[1]
+        with pytest.raises(BadSampleError, match=r'COCO_val2014_000000384029\.jpg.*training samples'):
+            [val[i] for i in range(len(val))]
+        assert val.num_bad_samples == 0
+
+
+def test_truncated_image_is_an_error_except_in_pretraining(tmp_path):
+    """The original let PIL decode truncated files everywhere (the missing part grey); here only pretraining on
+    web images does, and the setting does not leak into other datasets of the same process."""
+    import io
+    from PIL import Image, ImageFile
+    from data.loading import load_image
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert('RGB').save(buf, format='JPEG')
+    path = tmp_path / 'cut.jpg'
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 4])
+    with pytest.raises(BadSampleError, match=r'cut\.jpg \(annotation index 7 of a\.json\).*truncated'):
+        load_image(str(path), 7, 'a.json')
+    assert load_image(str(path), 7, 'a.json', lenient=True).size == (64, 64)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False and Image.MAX_IMAGE_PIXELS is not None
+    write_json(tmp_path / 'web.json', [{'image': str(path), 'caption': 'a noisy web picture'}])
+    pre = create_dataset('pretrain', {'train_file': [str(tmp_path / 'web.json')], 'image_size': 16})
+    assert pre[0][1] == 'a noisy web picture'
+    with pytest.raises(BadSampleError):
+        load_image(str(path), 7, 'a.json')
 
 
 @pytest.mark.parametrize('entry, message', [

@@ -73,5 +73,10 @@ def test_corrupt_video_error_and_skip(msrvtt):
         ds[1]
     config = {'video_root': str(msrvtt / 'videos'), 'ann_root': str(msrvtt), 'num_frm_test': 2, 'image_size': 8,
               'skip_bad_samples': True}
-    skipping = create_dataset('retrieval_msrvtt', config)
+    # the video set is an evaluation gallery: a replaced clip would be scored under another id, so it stops
+    evaluation = create_dataset('retrieval_msrvtt', config)
+    with pytest.raises(BadSampleError, match=r'video7011\.mp4'):
+        evaluation[1]
+    skipping = VideoDataset(str(msrvtt / 'videos'), str(msrvtt), num_frm=2, frm_sampling_strategy='uniform',
+                            max_img_size=8, skip_bad_samples=True)
     assert skipping[1][1] == 'video7010' and skipping.num_bad_samples == 1
