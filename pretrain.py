@@ -54,6 +54,8 @@ def lr_function(config: PretrainConfig, epoch: int):
         return lambda step: decayed
 
     def warmup(step: int) -> float:
+        if config.warmup_steps == 0:  # no warm-up: the full rate from the first step
+            return config.init_lr
         return min(config.init_lr, config.warmup_lr + (config.init_lr - config.warmup_lr) * step / config.warmup_steps)
     return warmup
 

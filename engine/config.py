@@ -155,10 +155,27 @@ def _check_type(key: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
+# Smallest value that makes sense for numeric keys of the task configs; below it a run fails late (a division
+# by zero at the first step, a reshape after a whole epoch) or does nothing at all and exits 0.
+MINIMUM = {'batch_size': 1, 'batch_size_train': 1, 'batch_size_test': 1, 'image_size': 1, 'k_test': 1,
+           'max_epoch': 1, 'log_every': 1, 'accum_steps': 1, 'warmup_steps': 0, 'num_workers': 0,
+           'save_every_steps': 0, 'num_beams': 1, 'max_length': 1, 'min_length': 0, 'max_words': 1,
+           'queue_size': 1, 'num_frm_test': 1, 'shard_size': 1, 'report_samples': 0, 'top_k': 0, 'init_lr': 0.0,
+           'min_lr': 0.0, 'warmup_lr': 0.0, 'weight_decay': 0.0, 'clip_grad': 0.0, 'vit_ckpt_layer': 0,
+           'repetition_penalty': 0.0, 'shard_wait_timeout_s': 0.0}
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    low = MINIMUM.get(key)
+    if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+        raise ConfigError(f'{source}: key {key!r} must be >= {low}, got {value!r}')
+
+
 def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterable[str]] = None):
     """Read ``path``, apply overrides, and build ``schema`` (a dataclass) from it.
 
-    Raises ``ConfigError`` naming the file and the key for unknown keys and wrongly typed values.
+    Raises ``ConfigError`` naming the file and the key for unknown keys, wrongly typed values and values below
+    a key's ``MINIMUM``.
     """
     source = str(path)
     options = list(options or [])
@@ -177,6 +194,8 @@ def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterabl
         raise ConfigError(f"{where(unknown[0])}: unknown config key(s) {unknown} for {schema.__name__}{hint} "
                           f"(known keys: {sorted(known)})")
     values = {k: _check_type(k, v, hints[k], where(k)) for k, v in data.items()}
+    for k, v in values.items():
+        _check_range(k, v, where(k))
     return schema(**values)
 
 

@@ -40,7 +40,9 @@ def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -
 def check_checkpoint_paths(args: argparse.Namespace, config) -> None:
     """Fail before any output is written when ``pretrained`` or ``--resume`` names a local file that is not
     there (a typo would otherwise surface after the output folder, its config.yaml and the data exist)."""
-    named = [(f'{args.config}: pretrained', config.get('pretrained', '')),
+    from_options = any(o.split('=', 1)[0].strip() == 'pretrained' for o in (args.options or []))
+    source = f'--options (config {args.config})' if from_options else str(args.config)
+    named = [(f'{source}: pretrained', config.get('pretrained', '')),
              ('--resume', '' if getattr(args, 'resume', None) in (None, '', 'auto') else args.resume)]
     for what, source in named:
         if source and not is_url(source) and not Path(str(source).removeprefix('file://')).exists():

@@ -78,8 +78,8 @@ def create_vit(vit: str | Mapping[str, int], image_size: int, use_grad_checkpoin
                              f'unknown {sorted(set(size) - keys)}')
     if vit == 'large':
         drop_path_rate = 0.1 or drop_path_rate  # the original's quirk: ViT-L always uses 0.1
-    if image_size % size['patch_size']:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch size {size['patch_size']}")
+    if image_size <= 0 or image_size % size['patch_size']:
+        raise ValueError(f"image_size {image_size} is not a positive multiple of patch size {size['patch_size']}")
     model = VisionTransformer(
         img_size=image_size, num_classes=0, global_pool='', mlp_ratio=4, qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate,

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,27 @@ def test_wrong_types_and_bad_files_are_errors(tmp_path):
         load_config(_yaml(tmp_path, '- 1\n- 2\n'), _Schema)
     with pytest.raises(ConfigError, match='KEY=VALUE'):
         load_config(_yaml(tmp_path, ''), _Schema, ['batch_size'])
+
+
+@pytest.mark.parametrize('option, message', [
+    ('batch_size=0', "'batch_size' must be >= 1, got 0"), ('log_every=0', "'log_every' must be >= 1"),
+    ('init_lr=-1e-4', "'init_lr' must be >= 0.0"), ('num_workers=-1', "'num_workers' must be >= 0"),
+])
+def test_values_out_of_range_are_errors_naming_key_and_source(tmp_path, option, message):
+    """A zero batch size or log interval would fail at the first step; caught when the config is read."""
+    with pytest.raises(ConfigError, match=r'^--options \(config .*c\.yaml\): key ' + re.escape(message)):
+        load_config(_yaml(tmp_path, 'init_lr: 1e-4\n'), _Schema, [option])
+    key, value = option.split('=')
+    with pytest.raises(ConfigError, match=r'c\.yaml: key ' + re.escape(message)):
+        load_config(_yaml(tmp_path, f'{key}: {value}\n'), _Schema)
+
+
+@pytest.mark.parametrize('script, option', [('train_retrieval', 'k_test=0'), ('train_caption', 'max_epoch=-1'),
+                                            ('train_caption', 'image_size=-16'), ('pretrain', 'warmup_steps=-1')])
+def test_task_configs_refuse_values_that_would_fail_late_or_do_nothing(script, option):
+    config_file = {'train_retrieval': 'retrieval', 'train_caption': 'caption', 'pretrain': 'pretrain'}[script]
+    with pytest.raises(ConfigError, match=f"'{option.split('=')[0]}' must be >="):
+        load_config(ROOT / 'configs' / 'toy' / f'{config_file}.yaml', _schema(script), [option])
 
 
 def test_options_override_with_yaml_values_and_dotted_keys(tmp_path):

@@ -183,7 +183,7 @@ def test_missing_checkpoint_file_fails_before_any_output(toy, tmp_path):
     from engine.config import ConfigError
     import train_retrieval
     out = tmp_path / 'out'
-    with pytest.raises(ConfigError, match=r"retrieval\.yaml: pretrained: no such checkpoint file '.*nope\.pth'"):
+    with pytest.raises(ConfigError, match=r"^--options \(config .*retrieval\.yaml\): pretrained: no such checkpoint file '.*nope\.pth'"):
         train_retrieval.main(argv('train_retrieval', toy, out) + [f'pretrained={tmp_path}/nope.pth'])
     with pytest.raises(ConfigError, match=r"--resume: no such checkpoint file"):
         train_retrieval.main(argv('train_retrieval', toy, out, '--resume', str(tmp_path / 'gone.pth')))
