@@ -31,7 +31,7 @@ def load_image(path: str, image_size: int, device) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             image = im.convert('RGB')
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SystemExit(f'cannot read image {path}: {e}')
     _, test_transform = create_transforms(image_size)
     return test_transform(image).unsqueeze(0).to(device)

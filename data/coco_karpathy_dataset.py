@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from data.loading import RobustDataset, check_entries, join_root, load_image, load_json_list
+from data.loading import AnnotationError, RobustDataset, check_entries, join_root, load_image, load_json_list
 from data.utils import ensure_annotation, pre_caption
 
 TRAIN_SCHEMA = {'image': str, 'caption': str, 'image_id': (str, int)}
@@ -117,6 +117,7 @@ class coco_karpathy_retrieval_eval(RobustDataset):
         self.ann_file = ensure_annotation(_split_file(self.filenames, split), ann_root)
         self.annotation = load_json_list(self.ann_file)
         check_entries(self.annotation, EVAL_SCHEMA, self.ann_file)
+        check_retrieval_captions(self.annotation, self.ann_file)
         self.transform, self.image_root = transform, image_root
         self.text, self.image, self.txt2img, self.img2txt = build_retrieval_maps(self.annotation, max_words)
 
@@ -126,6 +127,19 @@ class coco_karpathy_retrieval_eval(RobustDataset):
     def load_item(self, index: int):
         path = join_root(self.image_root, self.annotation[index]['image'])
         return self.transform(load_image(path, index, self.ann_file)), index
+
+
+def check_retrieval_captions(annotation: list, ann_file: str) -> None:
+    """Every gallery image needs at least one caption, each a string: an image without one has no rank to score,
+    and found only after the training epoch that precedes the evaluation."""
+    for i, ann in enumerate(annotation):
+        if not ann['caption']:
+            raise AnnotationError(f"{ann_file}: entry {i} ({ann['image']}) has an empty 'caption' list; every "
+                                  f"retrieval image needs at least one caption")
+        bad = next((c for c in ann['caption'] if not isinstance(c, str)), None)
+        if bad is not None:
+            raise AnnotationError(f"{ann_file}: entry {i} ({ann['image']}) key 'caption' holds {bad!r} of type "
+                                  f"{type(bad).__name__}, expected str")
 
 
 def build_retrieval_maps(annotation: list, max_words: int) -> tuple[list, list, dict, dict]:

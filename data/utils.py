@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import IO
 
@@ -79,8 +80,17 @@ def ensure_annotation(filename: str, ann_root: str) -> str:
     """
     path = os.path.join(ann_root, filename)
     if not os.path.isfile(path):
-        os.makedirs(ann_root or '.', exist_ok=True)
-        download_url(ANNOTATION_BASE_URL + filename, ann_root)
+        url = ANNOTATION_BASE_URL + filename
+        folder = Path(ann_root or '.').absolute()
+        made = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            download_url(url, ann_root)
+        except Exception as e:  # offline, a proxy, a typo in ann_root: name the local file, not only the URL
+            if made is not None:  # a mistyped ann_root leaves no folders behind
+                shutil.rmtree(made, ignore_errors=True)
+            raise FileNotFoundError(f'annotation file {path} is missing and downloading {url} failed '
+                                    f'({type(e).__name__}: {e}); put the file there or check ann_root') from None
         if not os.path.isfile(path):
             raise FileNotFoundError(f'annotation file {path} is missing and downloading '
                                     f'{ANNOTATION_BASE_URL + filename} did not produce it')

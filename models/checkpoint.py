@@ -68,8 +68,20 @@ def read_checkpoint(url_or_filename: str) -> dict:
         from models.convert_hf import read_hf_state_dict  # HF transformers' BLIP files
         try:
             return {'model': read_hf_state_dict(path)}
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f'{path}: not a readable HF checkpoint: {e}') from e
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' own error types, a bad index file, a missing shard
+            raise CheckpointError(f'{path}: not a readable HF checkpoint ({type(e).__name__}: {e})') from None
+    checkpoint = torch_load_checked(path)
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'{path}: expected a dict, got {type(checkpoint).__name__}')
+    return dict(checkpoint)
+
+
+def torch_load_checked(path: str | os.PathLike):
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file and say what is wrong
+    with it (empty, truncated, foreign, or pickled objects that would run code)."""
+    path = os.fspath(path)
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f'{path}: the file is empty (0 bytes; a copy or download that did not finish?)')
@@ -83,9 +95,7 @@ def read_checkpoint(url_or_filename: str) -> dict:
     except Exception as e:  # torch's own traceback adds nothing to the file name and its message
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({size} bytes; torch.load: '
                               f'{type(e).__name__}: {e}); truncated, or not a torch.save file?') from None
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f'{path}: expected a dict, got {type(checkpoint).__name__}')
-    return dict(checkpoint)
+    return checkpoint
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], source: str = '') -> dict[str, torch.Tensor]:

@@ -173,7 +173,8 @@ def read_hf_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         return load_file(str(path))
-    sd = torch.load(str(path), map_location='cpu', weights_only=True)
+    from models.checkpoint import torch_load_checked  # its errors name the file (pickled code, truncation)
+    sd = torch_load_checked(path)
     return dict(sd.get('model', sd)) if isinstance(sd, Mapping) else sd
 
 

@@ -2,6 +2,7 @@
 import json
 import logging
 import random
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,19 @@ def test_failed_download_names_the_file(tmp_path, monkeypatch):
         nocaps_eval(to_tensor, str(tmp_path), str(tmp_path), 'val')
 
 
+def test_offline_missing_annotation_names_the_local_file_and_leaves_no_folders(tmp_path, monkeypatch):
+    """Offline, a missing file (or a typo in ann_root) was a bare URLError naming only the URL."""
+    def offline(url, root):
+        raise OSError('<urlopen error [Errno -2] Name or service not known>')
+
+    monkeypatch.setattr(data.utils, 'download_url', offline)
+    typo = tmp_path / 'no_such_dir' / 'annotation'
+    with pytest.raises(FileNotFoundError, match=r'annotation file .*no_such_dir/annotation/vqa_test\.json is '
+                                                r'missing and downloading https://\S+vqa_test\.json failed.*ann_root'):
+        vqa_dataset(to_tensor, str(typo), '', '', split='test')
+    assert not (tmp_path / 'no_such_dir').exists() and tmp_path.exists()
+
+
 @pytest.fixture
 def broken(coco):
     img, ann, names = coco
@@ -273,6 +287,17 @@ def test_malformed_annotation_names_file_and_index(tmp_path, entry, message):
     with pytest.raises(AnnotationError, match='coco_karpathy_train.json') as info:
         coco_karpathy_train(to_tensor, str(tmp_path), str(tmp_path))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize('captions, message', [([], "entry 1 (b.jpg) has an empty 'caption' list"),
+                                               (['ok', 3], "entry 1 (b.jpg) key 'caption' holds 3 of type int")])
+def test_retrieval_split_needs_captions_for_every_image(tmp_path, captions, message):
+    """Found when the split is read, not by the evaluation after a training epoch."""
+    write_json(tmp_path / 'coco_karpathy_val.json', [{'image': 'a.jpg', 'caption': ['x']},
+                                                      {'image': 'b.jpg', 'caption': captions}])
+    with pytest.raises(AnnotationError, match=re.escape(message)) as info:
+        coco_karpathy_retrieval_eval(to_tensor, str(tmp_path), str(tmp_path), 'val')
+    assert 'coco_karpathy_val.json' in str(info.value)
 
 
 def test_malformed_vqa_and_nlvr_entries(tmp_path):

@@ -402,6 +402,32 @@ def test_empty_truncated_or_foreign_checkpoint_files_say_what_they_are(tmp_path)
         assert e.value.__cause__ is None and e.value.__suppress_context__   # no torch-internal traceback
 
 
+def test_hf_folders_and_safetensors_files_get_the_same_clear_refusals(tmp_path):
+    """An HF folder's pytorch_model.bin holding pickled code, a truncated one, and a garbage .safetensors file
+    were refused with torch's / safetensors' raw errors, which name no file (one even advised weights_only=False)."""
+    from models.checkpoint import read_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ('echo pwned',))
+
+    evil, torn = tmp_path / 'hf_evil', tmp_path / 'hf_torn'
+    evil.mkdir(), torn.mkdir()
+    torch.save({'w': Evil()}, evil / 'pytorch_model.bin')
+    torch.save({'w': torch.zeros(64)}, tmp_path / 'whole.bin')
+    (torn / 'pytorch_model.bin').write_bytes((tmp_path / 'whole.bin').read_bytes()[:300])
+    (tmp_path / 'junk.safetensors').write_bytes(b'\xff' * 64)
+    with pytest.raises(CheckpointError, match=r'hf_evil/pytorch_model\.bin: refused to load') as e:
+        read_checkpoint(str(evil))
+    assert 'weights_only=False' not in str(e.value)
+    with pytest.raises(CheckpointError, match=r'hf_torn/pytorch_model\.bin: not a readable PyTorch checkpoint'):
+        read_checkpoint(str(torn))
+    with pytest.raises(CheckpointError, match=r'junk\.safetensors: not a readable HF checkpoint \(\w*Error'):
+        read_checkpoint(str(tmp_path / 'junk.safetensors'))
+    with pytest.raises(CheckpointError, match=r'not a readable HF checkpoint .*no model\.safetensors'):
+        read_checkpoint(str(tmp_path))   # a folder with none of HF's file names
+
+
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path, model, _ = _ckpt(tmp_path, name='checkpoint_last.pth')
     before = torch.load(path, weights_only=True)['model']

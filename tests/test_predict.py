@@ -76,3 +76,19 @@ def test_unreadable_image_is_a_one_line_error(tmp_path):
     bad.write_text('hello')
     with pytest.raises(SystemExit, match='cannot read image .*not_an_image.jpg'):
         predict.load_image(str(bad), 32, 'cpu')
+
+
+def test_decompression_bomb_is_a_one_line_error(tmp_path):
+    """A PNG whose header claims 30000 x 30000 pixels: PIL refuses it, predict.py says so without a traceback."""
+    import struct
+    import zlib
+    small = tmp_path / 'small.png'
+    Image.new('RGB', (4, 4)).save(small)
+    data = bytearray(small.read_bytes())
+    ihdr = struct.pack('>II', 30000, 30000) + bytes(data[24:29])  # width, height, then depth/colour/... as saved
+    data[16:29] = ihdr
+    data[29:33] = struct.pack('>I', zlib.crc32(b'IHDR' + ihdr))
+    bomb = tmp_path / 'bomb.png'
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r'cannot read image .*bomb\.png: .*pixels'):
+        predict.load_image(str(bomb), 32, 'cpu')
