@@ -121,10 +121,25 @@ def _default_cache_dir() -> str:
     return os.environ.get('BLIP_ANN_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'blip', 'ann_index'))
 
 
+def _source_stamp(source: str) -> dict:
+    """What identifies one version of an annotation file: an index built from another is stale. An mtime
+    comparison alone is not enough: ``cp -p``, ``rsync -a`` or ``tar x`` put back a file with an older one."""
+    st = os.stat(source)
+    return {'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'inode': st.st_ino}
+
+
+def _stamp_path(offsets_path: Path) -> Path:
+    return offsets_path.with_name(offsets_path.name + '.source.json')
+
+
 def _is_fresh(source: str, offsets_path: Path, blob_path: Path) -> bool:
-    if not (offsets_path.is_file() and blob_path.is_file()):
+    stamp = _stamp_path(offsets_path)
+    if not (offsets_path.is_file() and blob_path.is_file() and stamp.is_file()):
         return False
-    if offsets_path.stat().st_mtime < os.stat(source).st_mtime:
+    try:
+        if json.loads(stamp.read_text()) != _source_stamp(source):
+            return False
+    except ValueError:  # a torn or foreign stamp: rebuild
         return False
     offsets = np.load(offsets_path, mmap_mode='r')
     return len(offsets) >= 1 and int(offsets[-1]) == blob_path.stat().st_size
@@ -140,9 +155,10 @@ def build_index(source: str, offsets_path: Path, blob_path: Path, validate: Opti
         validate: called as ``validate(entry, source, index)``; raises on a malformed entry.
     """
     offsets_path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = _source_stamp(source)  # taken before reading: a file changed meanwhile makes the index stale
     offsets = array('q', [0])
     blob, blob_tmp = open_temp_beside(blob_path)
-    off_tmp = None
+    off_tmp = stamp_tmp = None
     try:
         with blob:
             for index, entry in enumerate(iter_json_entries(source)):
@@ -156,8 +172,12 @@ def build_index(source: str, offsets_path: Path, blob_path: Path, validate: Opti
             np.save(f, np.frombuffer(offsets, dtype=np.int64))
         os.replace(blob_tmp, blob_path)
         os.replace(off_tmp, offsets_path)
+        f, stamp_tmp = open_temp_beside(_stamp_path(offsets_path), binary=False)
+        with f:
+            json.dump(stamp, f)
+        os.replace(stamp_tmp, _stamp_path(offsets_path))  # last: an index without its stamp is rebuilt
     finally:
-        for tmp in (blob_tmp, off_tmp):
+        for tmp in (blob_tmp, off_tmp, stamp_tmp):
             if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
     return len(offsets) - 1

@@ -61,6 +61,20 @@ def test_index_is_reused_and_rebuilt_when_source_changes(tmp_path):
     assert not list(tmp_path.glob('*.tmp'))
 
 
+def test_a_file_put_back_with_an_older_mtime_is_not_served_from_the_old_index(tmp_path):
+    """cp -p / rsync -a / tar x restore a file's own (older) mtime: the index was still newer than the
+    source and kept serving the old entries."""
+    src = tmp_path / 'a.json'
+    src.write_text(json.dumps([{'image': 'x.jpg', 'caption': 'old caption'}]))
+    assert AnnotationIndex(str(src))[0]['caption'] == 'old caption'
+    fixed = tmp_path / 'fixed.json'
+    fixed.write_text(json.dumps([{'image': 'x.jpg', 'caption': 'new caption'}]))
+    os.utime(fixed, ns=(10**18, 10**18))  # an older mtime than the index's (year 2001)
+    os.replace(fixed, src)
+    assert AnnotationIndex(str(src))[0]['caption'] == 'new caption'
+    assert AnnotationIndex(str(src))[0]['caption'] == 'new caption'  # and that index is reused as is
+
+
 def test_index_in_cache_dir_and_pickles_small(tmp_path):
     write_lines(tmp_path / 'a.jsonl', entries(1000))
     index = AnnotationIndex(str(tmp_path / 'a.jsonl'), cache_dir=str(tmp_path / 'cache'))
