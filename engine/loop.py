@@ -163,6 +163,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
 
 def _totals_over_ranks(sums: dict, count: int, device: torch.device) -> dict:
     keys = sorted(sums)
+    if du.get_world_size() > 1:  # the same list on every rank (one may hold restored sums and have run no step)
+        gathered = [None] * du.get_world_size()
+        torch.distributed.all_gather_object(gathered, keys)
+        keys = sorted(set().union(*gathered))
     totals = du.all_reduce_sum([sums[k] for k in keys] + [count], device if device.type == 'cuda' else 'cpu')
     return {'sums': dict(zip(keys, totals[:-1])), 'count': int(totals[-1])}
 

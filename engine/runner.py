@@ -28,7 +28,7 @@ from models.checkpoint import is_url
 from models.compile import compile_layers
 
 __all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'cosine_epoch_lr', 'gather_objects',
-           'progress']
+           'mid_epoch_start_step', 'progress']
 
 
 def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -47,6 +47,28 @@ def check_checkpoint_paths(args: argparse.Namespace, config) -> None:
     for what, source in named:
         if source and not is_url(source) and not Path(str(source).removeprefix('file://')).exists():
             raise ConfigError(f'{what}: no such checkpoint file {str(source)!r}')
+
+
+def mid_epoch_start_step(saved: dict, batch_size: int, world_size: int, steps: int) -> int:
+    """The step of this run's epoch at which a mid-epoch resume point continues.
+
+    The training sampler's order over the whole epoch depends on (seed, epoch) only, and rank r takes every
+    world_size-th index of it, so after k steps of every rank the first k * batch_size * world_size samples
+    are done whatever the number of ranks. A resume point saved by another number of ranks (or batch size)
+    thus continues where that many samples are done; without the conversion it skipped its per-rank step
+    count in the new split (other samples), or ran past the new epoch's end and hung in a collective.
+    """
+    samples = saved.get('samples')
+    per_step = batch_size * world_size
+    if samples is None or samples == saved['step'] * per_step:
+        return int(saved['step'])
+    step = min(samples // per_step, steps)
+    again = samples - step * per_step
+    print(f"mid-epoch resume point of epoch {saved['epoch']}: {samples} samples done by "
+          f"{saved.get('world_size', '?')} rank(s) x batch {saved.get('batch_size', '?')}; with {world_size} x "
+          f"{batch_size} the epoch continues at step {step} of {steps}"
+          + (f' ({again} of those samples are seen again)' if again > 0 else ''))
+    return step
 
 
 def progress(iterable, desc: str):
@@ -226,16 +248,22 @@ class Run:
             return step_fn(model, batch, StepContext(epoch, step, steps, self.device))
 
         def save_mid_epoch(step: int, totals: dict) -> None:
-            # the epoch's loss sums so far go with the resume point: a resumed epoch logs the mean of all its steps
-            self.progress['epoch_totals'] = {'epoch': epoch, 'step': step, **totals}
+            # the epoch's loss sums so far go with the resume point: a resumed epoch logs the mean of all its steps;
+            # and the samples it has seen, for a resume with another number of ranks or batch size
+            world = du.get_world_size()
+            self.progress['epoch_totals'] = {'epoch': epoch, 'step': step, 'world_size': world,
+                                             'batch_size': loader.batch_size,
+                                             'samples': step * loader.batch_size * world, **totals}
             try:
                 self.save_resume_point(epoch, (epoch, step))
             finally:
                 del self.progress['epoch_totals']
 
         saved = self.progress.pop('epoch_totals', None)  # restored by --resume from a mid-epoch checkpoint
-        start_totals = saved if saved and start_step and (saved['epoch'], saved['step']) == (epoch, start_step) \
-            else None
+        start_totals = None
+        if saved and start_step and (saved['epoch'], saved['step']) == (epoch, start_step):
+            start_totals = saved
+            start_step = mid_epoch_start_step(saved, loader.batch_size, du.get_world_size(), steps)
         return train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
                                precision=self.precision, accum_steps=self.config.accum_steps,
                                clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,

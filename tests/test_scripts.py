@@ -158,6 +158,49 @@ def test_script_runs_under_torchrun_with_two_processes(script, toy, tmp_path):
         assert len({a['question_id'] for a in answers}) == len(answers)
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_mid_epoch_resume_point_of_one_process_continues_under_two(toy, tmp_path, monkeypatch):
+    """A resume point saved by 1 process after 2 of its 12 steps (16 samples) continues under torchrun with 2
+    processes at step 1 of their 6: the per-rank step count was reused as is, which skipped other samples, or
+    ran past the new epoch's end and left the ranks waiting in different collectives."""
+    import pretrain
+    from engine.runner import Run
+    save = Run.save_resume_point
+
+    def save_then_stop(self, epoch, resume):
+        save(self, epoch, resume)
+        if resume[1]:  # a mid-epoch point: stop as a killed run would
+            raise _Stop
+
+    monkeypatch.setattr(Run, 'save_resume_point', save_then_stop)
+    out = tmp_path / 'out'
+    with pytest.raises(_Stop):
+        pretrain.main(argv('pretrain', toy, out) + ['save_every_steps=2'])
+    saved = torch.load(out / 'checkpoint_last.pth', weights_only=True)['resume']
+    assert (saved['epoch'], saved['step']) == (0, 2)
+    assert saved['progress']['epoch_totals']['samples'] == 16
+    proc = _torchrun('pretrain', argv('pretrain', toy, out, '--resume', 'auto') + ['save_every_steps=2'],
+                     timeout=300)
+    assert 'the epoch continues at step 1 of 6' in proc.stdout
+    epochs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [e['epoch'] for e in epochs] == [0] and all(v == v for v in epochs[0].values())
+
+
+def test_mid_epoch_start_step_counts_samples_across_world_sizes():
+    from engine.runner import mid_epoch_start_step
+    saved = {'epoch': 3, 'step': 6, 'samples': 6 * 8 * 2, 'world_size': 2, 'batch_size': 8}
+    assert mid_epoch_start_step(saved, 8, 2, 50) == 6          # same layout: the saved step
+    assert mid_epoch_start_step(saved, 8, 1, 100) == 12        # half the ranks: twice the steps
+    assert mid_epoch_start_step(saved, 8, 4, 25) == 3
+    assert mid_epoch_start_step(saved, 16, 4, 12) == 1         # 96 samples, 64 per step: 32 seen again
+    assert mid_epoch_start_step(saved, 8, 16, 2) == 0
+    assert mid_epoch_start_step({'epoch': 0, 'step': 5}, 8, 4, 9) == 5   # saved before samples were recorded
+    assert mid_epoch_start_step({**saved, 'samples': 10 ** 6}, 8, 1, 100) == 100  # never past the epoch's end
+
+
 def test_evaluate_under_torchrun_with_a_split_that_does_not_divide_by_the_ranks(tmp_path):
     """``--evaluate`` on two ranks ends cleanly on both (rank 0 used to leave the loop early and tear the process
     group down under rank 1's barrier), and the 7 images padded to 8 by the sampler are each captioned once."""
