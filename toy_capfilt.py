@@ -140,19 +140,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
         env['OMP_NUM_THREADS'] = str(args.threads)
     py = [sys.executable]
     common = ['--device', 'cpu']
+    # a training step cut off before its done-file resumes where it was; a changed one starts over (run_step
+    # empties its workdir), so a training script never meets another run's checkpoints
+    train = common + ['--resume', 'auto']
     data_opts = [f'toy_root={toy}', f'image_root={images}', f'num_workers={args.num_workers}']
     seconds = {}
 
     # a. captioner and b. filter, trained on the clean toy COCO pairs
     captioner_dir, filter_dir = out / 'captioner', out / 'filter'
     seconds['captioner'] = run_step('a. captioner', py + ['train_caption.py', '--config', 'configs/toy/caption.yaml',
-                                    '--output_dir', str(captioner_dir), *common, '--options', *data_opts,
+                                    '--output_dir', str(captioner_dir), *train, '--options', *data_opts,
                                     f'ann_root={ann}', f'coco_gt_root={ann}/coco_gt', f'max_epoch={args.caption_epochs}'],
-                                    out / 'captioner.log', captioner_dir / 'checkpoint_best.pth', args.fresh, env)
+                                    out / 'captioner.log', captioner_dir / 'checkpoint_best.pth', args.fresh, env,
+                                    workdir=captioner_dir)
     seconds['filter'] = run_step('b. filter', py + ['train_retrieval.py', '--config', 'configs/toy/retrieval.yaml',
-                                 '--output_dir', str(filter_dir), *common, '--options', *data_opts,
+                                 '--output_dir', str(filter_dir), *train, '--options', *data_opts,
                                  f'ann_root={ann}', f'max_epoch={args.retrieval_epochs}'],
-                                 out / 'filter.log', filter_dir / 'checkpoint_last.pth', args.fresh, env)
+                                 out / 'filter.log', filter_dir / 'checkpoint_last.pth', args.fresh, env,
+                                 workdir=filter_dir)
     filter_ckpt = filter_dir / f'checkpoint_{args.filter_checkpoint}.pth'
 
     # c. CapFilt over the noisy web pairs
@@ -196,9 +201,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             pre_dir, eval_dir = out / f'pretrain_{tag}', out / f'zeroshot_{tag}'
             seconds[f'pretrain_{tag}'] = run_step(
                 f'e. pretrain {tag}', py + ['pretrain.py', '--config', 'configs/toy/pretrain.yaml', '--output_dir',
-                                            str(pre_dir), *common, '--seed', str(seed), '--options', *data_opts,
+                                            str(pre_dir), *train, '--seed', str(seed), '--options', *data_opts,
                                             f'train_file=[{train_file}]', f'max_epoch={args.pretrain_epochs}'],
-                out / f'pretrain_{tag}.log', pre_dir / 'checkpoint_last.pth', args.fresh, env)
+                out / f'pretrain_{tag}.log', pre_dir / 'checkpoint_last.pth', args.fresh, env, workdir=pre_dir)
             seconds[f'zeroshot_{tag}'] = run_step(
                 f'e. zero-shot retrieval {tag}', py + ['train_retrieval.py', '--config', 'configs/toy/retrieval.yaml',
                                                        '--output_dir', str(eval_dir), '--evaluate', *common,

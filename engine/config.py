@@ -93,6 +93,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='override config keys, e.g. batch_size=16 vit.drop_path_rate=0.1')
     parser.add_argument('--resume', default='', metavar='auto|PATH',
                         help="continue a run: 'auto' = the latest checkpoint in --output_dir, or a file")
+    parser.add_argument('--overwrite', action='store_true',
+                        help='train into an --output_dir that holds checkpoints of an earlier run, replacing them')
     return parser
 
 

@@ -27,8 +27,8 @@ from engine.optim import cosine_lr, create_optimizer
 from models.checkpoint import is_url
 from models.compile import compile_layers
 
-__all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'cosine_epoch_lr', 'gather_objects',
-           'mid_epoch_start_step', 'progress']
+__all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'check_output_dir', 'cosine_epoch_lr',
+           'gather_objects', 'mid_epoch_start_step', 'progress', 'remove_earlier_run']
 
 
 def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -47,6 +47,29 @@ def check_checkpoint_paths(args: argparse.Namespace, config) -> None:
     for what, source in named:
         if source and not is_url(source) and not Path(str(source).removeprefix('file://')).exists():
             raise ConfigError(f'{what}: no such checkpoint file {str(source)!r}')
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse to train over an earlier run's checkpoints unless told to continue it (``--resume``) or replace
+    it (``--overwrite``): a second run with the same command used to replace checkpoint_best.pth and mix its
+    epochs into log.txt."""
+    if args.evaluate or getattr(args, 'resume', None) or getattr(args, 'overwrite', False):
+        return
+    found = sorted(p.name for p in Path(args.output_dir).glob('checkpoint_*.pth'))
+    if found:
+        raise ConfigError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(found[:3])}"
+                          f"{', ...' if len(found) > 3 else ''}): --resume auto continues it, --overwrite replaces "
+                          f"it, or choose another --output_dir")
+
+
+def remove_earlier_run(output_dir: str | Path) -> None:
+    """``--overwrite``: the earlier run's checkpoints and logs go, so that none of them (a later epoch's
+    checkpoint, its log lines) passes for the new run's."""
+    out = Path(output_dir)
+    for path in [*out.glob('checkpoint_*.pth'), out / 'log.txt', out / 'train_log.jsonl']:
+        if path.is_file():
+            path.unlink()
+            print(f'--overwrite: removed {path}')
 
 
 def mid_epoch_start_step(saved: dict, batch_size: int, world_size: int, steps: int) -> int:
@@ -132,10 +155,13 @@ class Run:
         args = parser.parse_args(argv)
         config = load_config(args.config, schema, args.options or [])
         check_checkpoint_paths(args, config)
+        check_output_dir(args)
         du.init_distributed_mode(args)
         device = resolve_device(args.device)
         du.seed_everything(args.seed, du.get_rank())
         if du.is_main_process():
+            if getattr(args, 'overwrite', False) and not (args.evaluate or getattr(args, 'resume', None)):
+                remove_earlier_run(args.output_dir)
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # result/ appears with the first result file
             save_config(config, args.output_dir)
         du.barrier()

@@ -189,6 +189,23 @@ def test_mid_epoch_resume_point_of_one_process_continues_under_two(toy, tmp_path
     assert [e['epoch'] for e in epochs] == [0] and all(v == v for v in epochs[0].values())
 
 
+def test_second_run_into_the_same_output_dir_keeps_the_first_runs_checkpoints(toy, tmp_path):
+    """The same command run twice replaced checkpoint_best.pth and mixed both runs' epochs in log.txt; it now stops
+    before any work unless told to continue (--resume) or replace (--overwrite) the earlier run."""
+    from engine.config import ConfigError
+    import train_retrieval
+    out = tmp_path / 'out'
+    train_retrieval.main(argv('train_retrieval', toy, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r'holds checkpoints of an earlier run \(checkpoint_best\.pth, '
+                                          r'checkpoint_last\.pth\): --resume auto continues it, --overwrite'):
+        train_retrieval.main(argv('train_retrieval', toy, out))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    train_retrieval.main(argv('train_retrieval', toy, out, '--evaluate'))   # evaluating writes no checkpoint
+    train_retrieval.main(argv('train_retrieval', toy, out, '--overwrite'))
+    assert len((out / 'log.txt').read_text().splitlines()) == 1             # the replaced run's log starts anew
+
+
 def test_mid_epoch_start_step_counts_samples_across_world_sizes():
     from engine.runner import mid_epoch_start_step
     saved = {'epoch': 3, 'step': 6, 'samples': 6 * 8 * 2, 'world_size': 2, 'batch_size': 8}
