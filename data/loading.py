@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageFile
@@ -104,15 +104,11 @@ def load_image(path: str, index: int, ann_file: str, lenient: bool = False) -> I
         BadSampleError: naming the image file, the annotation index and the annotation file.
     """
     try:
-        if lenient:
-            with lenient_decoding(), Image.open(path) as image:
-                return image.convert('RGB')
-        with Image.open(path) as image:
+        with lenient_decoding() if lenient else nullcontext(), Image.open(path) as image:
             return image.convert('RGB')
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadSampleError(f'cannot read image {path} (annotation index {index} of {ann_file}): '
                              f'{type(e).__name__}: {e}{SKIP_HINT}') from e
-
 
 
 class RobustDataset(Dataset):

@@ -173,6 +173,12 @@ def _check_range(key: str, value: Any, source: str) -> None:
         raise ConfigError(f'{source}: key {key!r} must be >= {low}, got {value!r}')
 
 
+def key_source(key: str, path: str | os.PathLike, options: Optional[Iterable[str]] = None) -> str:
+    """Where a top-level key's value came from, for error messages: the config file, or the command line."""
+    overridden = {o.split('=', 1)[0].strip().split('.')[0] for o in options or []}
+    return f'--options (config {path})' if key in overridden else str(path)
+
+
 def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterable[str]] = None):
     """Read ``path``, apply overrides, and build ``schema`` (a dataclass) from it.
 
@@ -182,10 +188,9 @@ def load_config(path: str | os.PathLike, schema: type, options: Optional[Iterabl
     source = str(path)
     options = list(options or [])
     data = apply_overrides(_read_yaml(path), options, source)
-    overridden = {o.split('=', 1)[0].strip().split('.')[0] for o in options}
 
-    def where(key: str) -> str:  # the file, or the command line where the value came from there
-        return f'--options (config {source})' if key in overridden else source
+    def where(key: str) -> str:
+        return key_source(key, source, options)
 
     hints = typing.get_type_hints(schema)
     known = {f.name for f in dataclasses.fields(schema)}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from data import create_dataset, create_loader, create_sampler
 from engine import distributed as du
 from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
-from engine.config import CommonConfig, ConfigError, add_common_args, load_config, save_config
+from engine.config import CommonConfig, ConfigError, add_common_args, key_source, load_config, save_config
 from engine.logging import JsonLogger
 from engine.loop import AMP_DTYPES, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
@@ -28,7 +28,7 @@ from models.checkpoint import is_url
 from models.compile import compile_layers
 
 __all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'check_output_dir', 'cosine_epoch_lr',
-           'gather_objects', 'mid_epoch_start_step', 'progress', 'remove_earlier_run']
+           'gather_objects', 'mid_epoch_start_step', 'progress', 'remove_earlier_run', 'trains_afresh']
 
 
 def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -40,20 +40,23 @@ def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -
 def check_checkpoint_paths(args: argparse.Namespace, config) -> None:
     """Fail before any output is written when ``pretrained`` or ``--resume`` names a local file that is not
     there (a typo would otherwise surface after the output folder, its config.yaml and the data exist)."""
-    from_options = any(o.split('=', 1)[0].strip() == 'pretrained' for o in (args.options or []))
-    source = f'--options (config {args.config})' if from_options else str(args.config)
-    named = [(f'{source}: pretrained', config.get('pretrained', '')),
+    named = [(f"{key_source('pretrained', args.config, args.options)}: pretrained", config.get('pretrained', '')),
              ('--resume', '' if getattr(args, 'resume', None) in (None, '', 'auto') else args.resume)]
-    for what, source in named:
-        if source and not is_url(source) and not Path(str(source).removeprefix('file://')).exists():
-            raise ConfigError(f'{what}: no such checkpoint file {str(source)!r}')
+    for what, location in named:
+        if location and not is_url(location) and not Path(str(location).removeprefix('file://')).exists():
+            raise ConfigError(f'{what}: no such checkpoint file {str(location)!r}')
+
+
+def trains_afresh(args: argparse.Namespace) -> bool:
+    """A training run that neither evaluates only nor continues an earlier run (``--resume``)."""
+    return not (args.evaluate or getattr(args, 'resume', None))
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
     """Refuse to train over an earlier run's checkpoints unless told to continue it (``--resume``) or replace
     it (``--overwrite``): a second run with the same command used to replace checkpoint_best.pth and mix its
     epochs into log.txt."""
-    if args.evaluate or getattr(args, 'resume', None) or getattr(args, 'overwrite', False):
+    if not trains_afresh(args) or getattr(args, 'overwrite', False):
         return
     found = sorted(p.name for p in Path(args.output_dir).glob('checkpoint_*.pth'))
     if found:
@@ -160,7 +163,7 @@ class Run:
         device = resolve_device(args.device)
         du.seed_everything(args.seed, du.get_rank())
         if du.is_main_process():
-            if getattr(args, 'overwrite', False) and not (args.evaluate or getattr(args, 'resume', None)):
+            if getattr(args, 'overwrite', False) and trains_afresh(args):
                 remove_earlier_run(args.output_dir)
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # result/ appears with the first result file
             save_config(config, args.output_dir)
@@ -295,7 +298,7 @@ class Run:
                                clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                device=self.device, start_step=start_step, log_every=self.config.log_every,
                                save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                               step_updates=self.config.get("cuda_graph", False), start_totals=start_totals)
+                               step_updates=self.config.get('cuda_graph', False), start_totals=start_totals)
 
     # ------------------------------------------------------------------------------------------ outputs
     def save(self, name: str, epoch: int) -> None:
