@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from models.layout import optimizer_state_in_our_layout
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
            'restore_rng_state', 'atomic_torch_save', 'optimizer_state_in_our_layout', 'NonFiniteWeightsError']
@@ -117,7 +118,7 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
 
     An original checkpoint (no ``'resume'``) continues at ``epoch + 1``, as the original's resume did; its
     optimizer state (every parameter, query/key/value separate) is mapped to ours by
-    ``optimizer_state_in_our_layout``.
+    ``models.layout.optimizer_state_in_our_layout``.
     """
     source = str(path)
     checkpoint = read_checkpoint(source)
@@ -146,48 +147,6 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     if progress is not None:
         progress.update(resume.get('progress') or {})
     return int(resume['epoch']), int(resume['step'])
-
-
-def optimizer_state_in_our_layout(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """``saved`` optimizer state as ``optimizer`` holds parameters: MED's attention projections fused, frozen
-    parameters left out.
-
-    Three layouts are recognised by their parameter count: ours (returned as it is); the original code's,
-    one AdamW group over every parameter of ``model.parameters()`` (momentum copies included; they have no
-    state) with query, key and value separate; and ours before the projections were fused (trainable
-    parameters only, separate). A fused parameter's state is its parts' moments concatenated as its weights
-    are; if any part has no state, none is kept for it (AdamW starts it afresh). Hyper-parameters (lr,
-    betas, eps, weight decay) come from the file, as ``load_state_dict`` takes them.
-    """
-    from models.med import checkpoint_parameter_names, original_parameter_order
-    ours = optimizer.state_dict()
-    our_ids = [i for g in ours['param_groups'] for i in g['params']]
-    saved_ids = [i for g in saved['param_groups'] for i in g['params']]
-    if len(saved_ids) == len(our_ids):
-        return saved
-    parts_of = dict(checkpoint_parameter_names(model))
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    if any(id(p) not in name_of for p in params):
-        raise ValueError('the optimizer holds parameters that are not the model\'s')
-    trainable = {n for p in params for n in parts_of[name_of[id(p)]]}
-    every = original_parameter_order(model)
-    trainable_only = [n for n in every if n in trainable]
-    layouts = {len(every): every, len(trainable_only): trainable_only}
-    if len(saved_ids) not in layouts or len(saved['param_groups']) != 1 or len(ours['param_groups']) != 1:
-        raise ValueError(f'{len(saved_ids)} parameters in {len(saved["param_groups"])} group(s) in the file; this '
-                         f'optimizer has {len(our_ids)}, the original layout of this model {len(every)} (frozen '
-                         f'included) or {len(trainable_only)} (trainable only)')
-    by_name = {n: saved['state'][i] for n, i in zip(layouts[len(saved_ids)], saved_ids) if i in saved['state']}
-    state = {}
-    for i, p in zip(our_ids, params):
-        entries = [by_name.get(n) for n in parts_of[name_of[id(p)]]]
-        if any(e is None for e in entries):
-            continue
-        state[i] = {key: torch.cat([e[key] for e in entries]) if torch.is_tensor(value) and value.dim() else value
-                    for key, value in entries[0].items()}
-    group = {**ours['param_groups'][0], **{k: v for k, v in saved['param_groups'][0].items() if k != 'params'}}
-    return {'state': state, 'param_groups': [{**group, 'params': our_ids}]}
 
 
 _EPOCH_FILE = re.compile(r'checkpoint_(\d+)\.pth$')

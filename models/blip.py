@@ -14,7 +14,8 @@ import torch.nn as nn
 from transformers import BertTokenizer
 
 from models import generation
-from models.checkpoint import load_checkpoint, require_no_missing  # noqa: F401  (original import path)
+from models.checkpoint import load_checkpoint  # noqa: F401  (original import path)
+from models.layout import check_missing
 from models.med import MED, MEDConfig, MEDLMHeadModel
 from models.vit import create_vit, interpolate_pos_embed  # noqa: F401  (original import path)
 
@@ -156,7 +157,7 @@ def blip_decoder(pretrained: str = '', **kwargs) -> BLIP_Decoder:
     model = BLIP_Decoder(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        require_no_missing(msg, 'blip_decoder', pretrained)
+        check_missing('blip_decoder', model, msg.missing_keys, pretrained)
     return model
 
 
@@ -164,5 +165,5 @@ def blip_feature_extractor(pretrained: str = '', **kwargs) -> BLIP_Base:
     model = BLIP_Base(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        require_no_missing(msg, 'blip_feature_extractor', pretrained)
+        check_missing('blip_feature_extractor', model, msg.missing_keys, pretrained)
     return model

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
 from models.blip_pretrain import fp32, project
-from models.checkpoint import load_checkpoint, require_no_missing
+from models.checkpoint import load_checkpoint
+from models.layout import check_missing
 from models.med import MED
 from models.vit import create_vit
 
@@ -87,5 +88,5 @@ def blip_itm(pretrained: str = '', **kwargs) -> BLIP_ITM:
     model = BLIP_ITM(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        require_no_missing(msg, 'blip_itm', pretrained)
+        check_missing('blip_itm', model, msg.missing_keys, pretrained)
     return model

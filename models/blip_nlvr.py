@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.blip import init_tokenizer, load_med_config
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import load_checkpoint
+from models.layout import check_missing
 from models.med import MED
 from models.vit import create_vit
 
@@ -90,10 +91,6 @@ class BLIP_NLVR(nn.Module):
         return expand_twin_cross_attention(state_dict)
 
 
-def _new_head_keys(model: nn.Module) -> set:
-    return {k for k in model.state_dict() if k.startswith('cls_head.') or '.merge_layer.' in k}
-
-
 def blip_nlvr(pretrained: str = '', **kwargs) -> BLIP_NLVR:
     """Build BLIP_NLVR, optionally loading a checkpoint (URL or local path; the original's loader
     could not read local paths, quirk 10.4.2).
@@ -104,8 +101,5 @@ def blip_nlvr(pretrained: str = '', **kwargs) -> BLIP_NLVR:
     model = BLIP_NLVR(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        unexplained = set(msg.missing_keys) - _new_head_keys(model)
-        if unexplained:
-            raise CheckpointError(f'blip_nlvr: checkpoint {pretrained} lacks {len(unexplained)} key(s), '
-                                  f'e.g. {sorted(unexplained)[:5]}')
+        check_missing('blip_nlvr', model, msg.missing_keys, pretrained)
     return model

@@ -25,14 +25,12 @@ import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
 from models.blip_pretrain import fp32, itm_first_tokens, momentum_itc
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import load_checkpoint
+from models.layout import QUEUE_KEYS, check_missing, momentum_keys
 from models.losses import itm_loss, itm_negative_weights, sample_negatives
 from models.med import MED, select_cross_kv
 from models.momentum import FeatureQueue, all_gather_no_grad, all_gather_with_grad, copy_params
 from models.vit import create_vit
-
-QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue', 'queue_ptr')
-MOMENTUM_PREFIXES = ('visual_encoder_m.', 'vision_proj_m.', 'text_encoder_m.', 'text_proj_m.')
 
 
 def drop_mismatched_queues(state_dict: Mapping[str, torch.Tensor], queue_size: int) -> tuple[dict, list]:
@@ -163,14 +161,8 @@ def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
     model = BLIP_Retrieval(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        missing = set(msg.missing_keys)
-        momentum = {k for k in model.state_dict() if k.startswith(MOMENTUM_PREFIXES)}
-        if momentum <= missing:
+        fresh = check_missing('blip_retrieval', model, msg.missing_keys, pretrained)
+        if momentum_keys(fresh):
             copy_params(model.model_pairs)
             print('blip_retrieval: checkpoint has no momentum encoders; copied them from the online ones')
-            missing -= momentum
-        unexplained = missing - set(QUEUE_KEYS) - {'temp'}
-        if unexplained:
-            raise CheckpointError(f'blip_retrieval: checkpoint {pretrained} lacks {len(unexplained)} key(s), '
-                                  f'e.g. {sorted(unexplained)[:5]}')
     return model

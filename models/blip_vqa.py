@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from models import generation
 from models.blip import init_tokenizer, load_med_config
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import load_checkpoint
+from models.layout import check_missing
 from models.med import MED, MEDLMHeadModel
 from models.vit import create_vit
 
@@ -48,11 +49,6 @@ def drop_decoder_cross_kv_mismatch(state_dict: Mapping[str, torch.Tensor],
             del out[key]
             dropped.append(key)
     return out, dropped
-
-
-def _decoder_cross_kv_keys(model: nn.Module) -> set:
-    return {k for k in model.state_dict() if k.startswith('text_decoder.bert.encoder.layer.')
-            and '.crossattention.self.' in k and k.endswith(('key.weight', 'value.weight'))}
 
 
 class BLIP_VQA(nn.Module):
@@ -219,8 +215,5 @@ def blip_vqa(pretrained: str = '', **kwargs) -> BLIP_VQA:
     model = BLIP_VQA(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        unexplained = set(msg.missing_keys) - _decoder_cross_kv_keys(model)
-        if unexplained:
-            raise CheckpointError(f'blip_vqa: checkpoint {pretrained} lacks {len(unexplained)} key(s), '
-                                  f'e.g. {sorted(unexplained)[:5]}')
+        check_missing('blip_vqa', model, msg.missing_keys, pretrained)
     return model

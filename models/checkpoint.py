@@ -158,9 +158,3 @@ def load_checkpoint(model: nn.Module, url_or_filename: str, verbose: bool = True
         state_dict = model.remap_checkpoint(state_dict)
     return model, load_state_dict_checked(model, state_dict, str(url_or_filename), verbose)
 
-
-def require_no_missing(msg: LoadResult, factory: str, source: str) -> None:
-    """The original asserts that these factories find every key in the checkpoint."""
-    if msg.missing_keys:
-        raise CheckpointError(f'{factory}: checkpoint {source} lacks {len(msg.missing_keys)} key(s) the model '
-                              f'needs, e.g. {msg.missing_keys[:5]}')

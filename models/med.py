@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layout import register_fused_layout
+from models.layout import checkpoint_parameter_names, original_parameter_order  # noqa: F401  (earlier import path)
 from models.losses import capturing, lm_loss, lm_loss_at_targets
 
 # BERT keys that appear in BERT/HF json files but mean nothing here.
@@ -181,99 +183,6 @@ def attention(q, k, v, mask=None, dropout_p=0.0, is_causal=False):
     return probs @ v
 
 
-# Original per-projection key names of each fused parameter (the checkpoint layout).
-_FUSED_PARTS = {'qkv': ('query', 'key', 'value'), 'kv': ('key', 'value')}
-
-
-def checkpoint_parameter_names(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """``(name, parts)`` for each parameter of ``model.parameters()``: ``parts`` are the checkpoint-layout names
-    of the tensors it holds, in the order it concatenates them (``...qkv.weight`` -> the query, key and value
-    weights; an unfused parameter -> itself).
-
-    The original code registered query/key/value as separate parameters, so ``[n for _, ps in ... for n in ps]``
-    ordered as the original registered them (see ``original_parameter_order``) indexes its optimizer state.
-    """
-    out = []
-    for name, _ in model.named_parameters():
-        prefix, _, leaf = name.rpartition('.')
-        module_prefix, _, fused = prefix.rpartition('.')
-        if fused in _FUSED_PARTS and isinstance(model.get_submodule(module_prefix), Attention):
-            base = f'{module_prefix}.' if module_prefix else ''
-            out.append((name, [f'{base}{part}.{leaf}' for part in _FUSED_PARTS[fused]]))
-        else:
-            out.append((name, [name]))
-    return out
-
-
-def original_parameter_order(model: nn.Module) -> list[str]:
-    """Checkpoint-layout names in the order of the original code's ``model.parameters()``: each fused
-    projection expands, where it stands, to query/key/value weight and bias, Linear by Linear."""
-    order = []
-    for name, parts in checkpoint_parameter_names(model):
-        if len(parts) == 1:
-            order.append(name)
-        elif name.endswith('.weight'):  # the fused bias follows the fused weight; both expand here
-            order += [n for part in parts for n in (part, part[:-len('weight')] + 'bias')]
-    return order
-
-
-def _split_fused_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: write ``qkv.*`` / ``kv.*`` as the original ``query.*``, ``key.*``, ``value.*``."""
-    parts = {}
-    for fused, names in _FUSED_PARTS.items():
-        if not hasattr(module, fused):
-            continue
-        for suffix in ('weight', 'bias'):
-            chunks = state_dict.pop(f'{prefix}{fused}.{suffix}').chunk(len(names), 0)
-            parts.update({f'{name}.{suffix}': chunk for name, chunk in zip(names, chunks)})
-    # re-inserted in the original order; a cross-attention's query is its own module (already saved, moved too)
-    for name in ('query', 'key', 'value'):
-        for suffix in ('weight', 'bias'):
-            key = f'{prefix}{name}.{suffix}'
-            if f'{name}.{suffix}' in parts:
-                state_dict[key] = parts[f'{name}.{suffix}']
-            elif key in state_dict:
-                state_dict[key] = state_dict.pop(key)
-
-
-def _merge_fused_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                       missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """load_state_dict pre-hook: concatenate the original ``query/key/value`` tensors into ``qkv`` / ``kv``.
-
-    Parts the state dict lacks keep the model's current values and are reported under their original names
-    in ``missing_keys`` (what loading the unfused layout would do); a part of the wrong shape is an error
-    under its original name. A state dict already in the fused layout loads as it is.
-    """
-    for fused, names in _FUSED_PARTS.items():
-        linear = getattr(module, fused, None)
-        if linear is None:
-            continue
-        for suffix in ('weight', 'bias'):
-            fused_key = f'{prefix}{fused}.{suffix}'
-            keys = [f'{prefix}{name}.{suffix}' for name in names]
-            if fused_key in state_dict and not any(k in state_dict for k in keys):
-                continue
-            current = getattr(linear, suffix).detach().chunk(len(names), 0)
-            chunks, ok = [], True
-            for key, own in zip(keys, current):
-                if key not in state_dict:
-                    missing_keys.append(key)
-                    chunks.append(None)
-                    continue
-                value = state_dict.pop(key)
-                if value.shape != own.shape:
-                    error_msgs.append(f'size mismatch for {key}: copying a param with shape {tuple(value.shape)} '
-                                      f'from checkpoint, the shape in current model is {tuple(own.shape)}.')
-                    ok = False
-                chunks.append(value)
-            if ok:
-                # parts from the file stay where they are (load copies them to the parameter's device, or
-                # assigns them); parts the file lacks are the current values, brought to the file's device
-                device = next((c.device for c in chunks if c is not None), current[0].device)
-                state_dict[fused_key] = torch.cat(
-                    [own.to(device) if c is None else c for c, own in zip(chunks, current)], 0)
-
-
 class Attention(nn.Module):
     """Multi-head attention, BERT's ``self`` module: query from ``x``, key/value from ``x`` or a context.
 
@@ -283,10 +192,8 @@ class Attention(nn.Module):
     Projections are fused: self-attention computes query, key and value with one ``qkv`` linear, cross-
     attention key and value of the image tokens with one ``kv`` linear (one matrix product and one weight
     read instead of three or two; fewer kernel launches per decode step). ``state_dict`` and
-    ``load_state_dict`` keep the original layout (``query.*``, ``key.*``, ``value.*``) through hooks, so
-    official checkpoints load strictly and files we save are the original's; ``named_parameters`` shows
-    the fused names. The original-layout tensors are views of the fused parameters (no copies), so
-    safetensors' ``save_file`` needs them cloned (``torch.save`` stores the shared storage once).
+    ``load_state_dict`` keep the original layout (``query.*``, ``key.*``, ``value.*``): see
+    ``models/layout.py``. ``named_parameters`` shows the fused names.
     """
 
     def __init__(self, cfg: MEDConfig, kv_width: int, cross: bool = False):
@@ -301,8 +208,7 @@ class Attention(nn.Module):
                 raise ValueError(f'self-attention reads the hidden states: kv_width {kv_width} != hidden_size {H}')
             self.qkv = Linear(H, 3 * H)
         self.dropout_p = cfg.attention_probs_dropout_prob
-        self.register_state_dict_post_hook(_split_fused_state)
-        self.register_load_state_dict_pre_hook(_merge_fused_state)
+        register_fused_layout(self)
 
     @property
     def is_cross(self) -> bool:
