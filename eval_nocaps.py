@@ -9,10 +9,10 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.captioning import generate_captions
 from engine.evaluation import save_result
 from engine.runner import CommonConfig, Run
 from models.blip import blip_decoder
-from train_caption import generate_captions
 
 
 @dataclass

@@ -9,11 +9,10 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from data.utils import ensure_annotation
+from engine.captioning import generate_captions
 from engine.evaluation import coco_caption_eval, save_result
-from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
+from engine.runner import CommonConfig, Run, cosine_epoch_lr
 from models.blip import blip_decoder
 
 
@@ -42,20 +41,6 @@ class CaptionConfig(CommonConfig):
 def caption_step(model, batch, ctx) -> dict:
     image, caption, _ = batch
     return {'loss': model(image.to(ctx.device, non_blocking=True), caption)}
-
-
-@torch.no_grad()
-def generate_captions(model, loader, config: CaptionConfig, device, amp_dtype, **generate_kwargs) -> list[dict]:
-    """``[{'image_id', 'caption'}]`` for every image of ``loader`` on this rank."""
-    model.eval()
-    results = []
-    for image, image_id in progress(loader, 'caption'):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            captions = model.generate(image.to(device, non_blocking=True), sample=False, num_beams=config.num_beams,
-                                      max_length=config.max_length, min_length=config.min_length,
-                                      cuda_graph=config.cuda_graph, **generate_kwargs)
-        results += [{'image_id': int(i), 'caption': c} for i, c in zip(image_id, captions)]
-    return results
 
 
 def evaluate_split(run: Run, model, loader, split: str, tag: str) -> dict:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from engine.precision import autocast
 from engine.runner import CommonConfig, Run, cosine_epoch_lr, gather_objects, progress
 from models.blip_nlvr import blip_nlvr
 
@@ -46,7 +47,7 @@ def evaluate(run: Run, loader) -> dict:
     correct = []
     for image0, image1, text, targets in progress(loader, 'nlvr'):
         images = torch.cat([image0, image1], 0).to(run.device, non_blocking=True)
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        with autocast(run.device, run.amp_dtype):
             logits = model(images, text, targets.to(run.device), train=False)
         correct += (logits.argmax(1).cpu() == targets).tolist()
     sampler = loader.sampler if run.distributed else None

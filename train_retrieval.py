@@ -12,7 +12,6 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from engine.evaluation import evaluation_retrieval, itm_eval
 from engine.runner import CommonConfig, Run, cosine_epoch_lr

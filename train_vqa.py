@@ -18,6 +18,7 @@ import torch
 
 from data.vqa_dataset import vqa_collate_fn
 from engine.evaluation import save_result, vqa_accuracy
+from engine.precision import autocast
 from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
 from models.blip_vqa import blip_vqa
 
@@ -61,7 +62,7 @@ def answer_questions(run: Run, loader) -> list[dict]:
         answer_candidates.input_ids[:, 0] = model.tokenizer.bos_token_id
     for image, question, question_id in progress(loader, 'vqa'):
         image = image.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        with autocast(device, run.amp_dtype):
             if config.inference == 'generate':
                 answers = model(image, question, train=False, inference='generate')
             else:

@@ -1,7 +1,7 @@
 """COCO Karpathy splits: caption training, caption evaluation and retrieval evaluation."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from data.loading import AnnotationError, RobustDataset, check_entries, join_root, load_image, load_json_list
 from data.utils import ensure_annotation, pre_caption

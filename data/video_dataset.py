@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 import av
 import numpy as np

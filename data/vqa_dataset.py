@@ -1,7 +1,7 @@
 """VQA v2 / Visual Genome QA: training with weighted answers, test with question ids."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from data.utils import open_temp_beside
 from engine import distributed as du
+from engine.precision import autocast as _autocast
 
 __all__ = ['save_result', 'coco_caption_eval', 'CAPTION_SCORERS', 'OPTIONAL_CAPTION_METRICS',
            'evaluation_retrieval', 'itm_eval', 'evaluation_retrieval_video', 'itm_eval_video',
@@ -224,13 +225,6 @@ def coco_caption_eval(gt_file: str, results_file: str,
 # ================================================================================================ retrieval
 
 GalleryHook = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """Autocast to ``amp_dtype`` on the device, or nothing (fp32, the original) when it is None."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _attention_backends(device: torch.device):

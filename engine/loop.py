@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from engine import distributed as du
 from engine.optim import set_lr
+from engine.precision import AMP_DTYPES, autocast
 
 __all__ = ['NonFiniteLossError', 'ResumableSampler', 'train_one_epoch', 'autocast']
-
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,11 +51,6 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = AMP_DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _batches_from(loader, start_step: int):

@@ -19,7 +19,6 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models import generation
 from models.blip import init_tokenizer, load_med_config

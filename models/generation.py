@@ -106,6 +106,9 @@ def release_static_decoding(decoder: Optional[MEDLMHeadModel] = None) -> None:
         _STATIC_STEPS.pop(decoder, None)
 
 
+MEDLMHeadModel.on_train.append(release_static_decoding)
+
+
 def _static_key(decoder: MEDLMHeadModel, cross_kv: list, rows: int, max_length: int) -> tuple:
     k = cross_kv[0][0]
     device = k.device.type

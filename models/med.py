@@ -22,7 +22,7 @@ import contextlib
 import json
 import platform
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -651,10 +651,15 @@ class MEDLMHeadModel(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.cls.predictions.decoder
 
+    # Called with the model when it enters training mode. Buffers and CUDA graph kept by cuda_graph decoding
+    # serve evaluation and training needs the memory: models/generation.py registers their release here
+    # (a callback, so that this module does not import the one that imports it).
+    on_train: list[Callable[[nn.Module], None]] = []
+
     def train(self, mode: bool = True) -> 'MEDLMHeadModel':
-        if mode:  # buffers and CUDA graph kept by cuda_graph decoding serve evaluation; training needs the memory
-            from models.generation import release_static_decoding  # (generation imports this module)
-            release_static_decoding(self)
+        if mode:
+            for release in self.on_train:
+                release(self)
         return super().train(mode)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
