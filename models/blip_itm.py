@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
-from models.blip_pretrain import fp32, project
 from models.checkpoint import load_checkpoint
 from models.layout import check_missing
 from models.med import MED
+from models.objectives import fp32, project
 from models.vit import create_vit
 
 FIRST_TOKENS = ('enc', 'cls')

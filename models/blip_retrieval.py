@@ -24,12 +24,12 @@ import torch
 import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
-from models.blip_pretrain import fp32, itm_first_tokens, momentum_itc
 from models.checkpoint import load_checkpoint
 from models.layout import QUEUE_KEYS, check_missing, momentum_keys
 from models.losses import itm_loss, itm_negative_weights, sample_negatives
 from models.med import MED, select_cross_kv
 from models.momentum import FeatureQueue, all_gather_no_grad, all_gather_with_grad, copy_params
+from models.objectives import fp32, itm_first_tokens, momentum_itc
 from models.vit import create_vit
 
 
