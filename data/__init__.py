@@ -1,6 +1,7 @@
 """Dataset, sampler and loader factories with the original's names and semantics (reference 7.4)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,26 +16,122 @@ from data.video_dataset import VideoDataset
 from data.vqa_dataset import vqa_collate_fn, vqa_dataset
 from transform import create_transforms
 
-DATASETS = ('pretrain', 'caption_coco', 'nocaps', 'retrieval_coco', 'retrieval_flickr', 'vqa', 'nlvr',
-            'retrieval_msrvtt')
-
-__all__ = ['DATASETS', 'create_dataset', 'create_loader', 'create_sampler', 'vqa_collate_fn']
+__all__ = ['DATASETS', 'DatasetRequest', 'create_dataset', 'create_loader', 'create_sampler', 'register_dataset',
+           'vqa_collate_fn']
 
 
-def _required(config: Any, key: str, dataset: str) -> Any:
-    if key not in config:
-        raise KeyError(f"config has no key {key!r}, which dataset {dataset!r} needs")
-    return config[key]
+class DatasetRequest:
+    """What a dataset builder reads: config keys (a missing one is an error naming the key and the dataset),
+    ``skip_bad_samples`` and the train/test transforms.
+
+    ``config`` is mapping-like (``config[key]``, ``key in config``, ``config.get(key, default)``)."""
+
+    def __init__(self, dataset: str, config: Any, min_scale: float):
+        self.dataset, self.config, self.min_scale = dataset, config, min_scale
+        # Training splits only: an evaluation split that replaced an unreadable item by the next one would score
+        # that item under the wrong id (retrieval galleries, caption and VQA result files); it stops instead.
+        self.skip = bool(config.get('skip_bad_samples', False))
+        self.image_size = self.req('image_size')
+
+    def req(self, key: str) -> Any:
+        if key not in self.config:
+            raise KeyError(f"config has no key {key!r}, which dataset {self.dataset!r} needs")
+        return self.config[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.config.get(key, default)
+
+    @functools.cached_property
+    def transforms(self) -> tuple[Callable, Callable]:
+        """(train, test) image transforms at ``image_size``."""
+        return create_transforms(self.image_size, self.min_scale)
+
+    @property
+    def roots(self) -> tuple[str, str]:
+        """(image_root, ann_root), what the image-caption datasets take."""
+        return self.req('image_root'), self.req('ann_root')
+
+
+# name -> builder(request) -> the dataset, or its splits as a tuple; one entry per task (create_dataset's names)
+_BUILDERS: dict[str, Callable[[DatasetRequest], Any]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    """Decorator: ``create_dataset(name, config)`` returns what the decorated ``builder(request)`` returns."""
+    def add(builder: Callable[[DatasetRequest], Any]) -> Callable[[DatasetRequest], Any]:
+        _BUILDERS[name] = builder
+        return builder
+    return add
+
+
+@register_dataset('pretrain')
+def _pretrain(r: DatasetRequest) -> Dataset:
+    return pretrain_dataset(r.req('train_file'), r.get('laion_path', ''), r.transforms[0],
+                            image_root=r.get('image_root', ''), skip_bad_samples=r.skip)
+
+
+@register_dataset('caption_coco')
+def _caption_coco(r: DatasetRequest) -> tuple:
+    train, test = r.transforms
+    return (coco_karpathy_train(train, *r.roots, prompt=r.get('prompt', ''), skip_bad_samples=r.skip),
+            coco_karpathy_caption_eval(test, *r.roots, 'val'),
+            coco_karpathy_caption_eval(test, *r.roots, 'test'))
+
+
+@register_dataset('nocaps')
+def _nocaps(r: DatasetRequest) -> tuple:
+    roots, test = r.roots, r.transforms[1]
+    return nocaps_eval(test, *roots, 'val'), nocaps_eval(test, *roots, 'test')
+
+
+@register_dataset('retrieval_coco')
+def _retrieval_coco(r: DatasetRequest) -> tuple:
+    roots, (train, test) = r.roots, r.transforms
+    return (coco_karpathy_train(train, *roots, skip_bad_samples=r.skip),
+            coco_karpathy_retrieval_eval(test, *roots, 'val'),
+            coco_karpathy_retrieval_eval(test, *roots, 'test'))
+
+
+@register_dataset('retrieval_flickr')
+def _retrieval_flickr(r: DatasetRequest) -> tuple:
+    roots, (train, test) = r.roots, r.transforms
+    return (flickr30k_train(train, *roots, skip_bad_samples=r.skip),
+            flickr30k_retrieval_eval(test, *roots, 'val'),
+            flickr30k_retrieval_eval(test, *roots, 'test'))
+
+
+@register_dataset('vqa')
+def _vqa(r: DatasetRequest) -> tuple:
+    roots = (r.req('ann_root'), r.req('vqa_root'), r.get('vg_root', ''))
+    train, test = r.transforms
+    return (vqa_dataset(train, *roots, train_files=r.req('train_files'), split='train', skip_bad_samples=r.skip),
+            vqa_dataset(test, *roots, split='test'))
+
+
+@register_dataset('nlvr')
+def _nlvr(r: DatasetRequest) -> tuple:
+    roots, (train, test) = r.roots, r.transforms
+    return tuple(nlvr_dataset(train if split == 'train' else test, *roots, split,
+                              skip_bad_samples=r.skip and split == 'train') for split in ('train', 'val', 'test'))
+
+
+@register_dataset('retrieval_msrvtt')
+def _retrieval_msrvtt(r: DatasetRequest) -> Dataset:
+    return VideoDataset(r.req('video_root'), r.req('ann_root'), num_frm=r.req('num_frm_test'),
+                        frm_sampling_strategy='uniform', max_img_size=r.image_size)
+
+
+DATASETS = tuple(_BUILDERS)
 
 
 def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
     """Build the datasets of a task, as the original's ``create_dataset``.
 
     Args:
-        dataset: one of :data:`DATASETS`.
+        dataset: one of :data:`DATASETS` (a ``register_dataset`` entry).
         config: mapping-like config (``config[key]``, ``key in config``, ``config.get(key, default)``)
             with the task's original keys. ``skip_bad_samples`` (default False) is passed to every
-            dataset; a non-empty ``toy_root`` generates the toy dataset there first (default size;
+            training split; a non-empty ``toy_root`` generates the toy dataset there first (default size;
             a complete one already there, of any size, is used as is).
         min_scale: smallest RandomResizedCrop area (0.2 for pretraining).
 
@@ -42,48 +139,13 @@ def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
         pretrain: the dataset; caption_coco, retrieval_coco, retrieval_flickr, nlvr: (train, val, test);
         nocaps: (val, test); vqa: (train, test); retrieval_msrvtt: the video test dataset.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+    if dataset not in _BUILDERS:
+        raise ValueError(f'unknown dataset {dataset!r}; expected one of {tuple(_BUILDERS)}')
     if config.get('toy_root', ''):
         from data.toy import ensure_toy_dataset
 
         ensure_toy_dataset(config['toy_root'], exact=False)
-    req = lambda key: _required(config, key, dataset)  # noqa: E731
-    # Training splits only: an evaluation split that replaced an unreadable item by the next one would score
-    # that item under the wrong id (retrieval galleries, caption and VQA result files); it stops instead.
-    skip = bool(config.get('skip_bad_samples', False))
-    image_size = req('image_size')
-    if dataset == 'retrieval_msrvtt':
-        return VideoDataset(req('video_root'), req('ann_root'), num_frm=req('num_frm_test'),
-                            frm_sampling_strategy='uniform', max_img_size=image_size)
-    transform_train, transform_test = create_transforms(image_size, min_scale)
-    if dataset == 'pretrain':
-        return pretrain_dataset(req('train_file'), config.get('laion_path', ''), transform_train,
-                                image_root=config.get('image_root', ''), skip_bad_samples=skip)
-    if dataset == 'vqa':
-        roots = (req('ann_root'), req('vqa_root'), config.get('vg_root', ''))
-        train = vqa_dataset(transform_train, *roots, train_files=req('train_files'), split='train',
-                            skip_bad_samples=skip)
-        test = vqa_dataset(transform_test, *roots, split='test')
-        return train, test
-    roots = (req('image_root'), req('ann_root'))
-    if dataset == 'caption_coco':
-        return (coco_karpathy_train(transform_train, *roots, prompt=config.get('prompt', ''), skip_bad_samples=skip),
-                coco_karpathy_caption_eval(transform_test, *roots, 'val'),
-                coco_karpathy_caption_eval(transform_test, *roots, 'test'))
-    if dataset == 'nocaps':
-        return (nocaps_eval(transform_test, *roots, 'val'),
-                nocaps_eval(transform_test, *roots, 'test'))
-    if dataset == 'retrieval_coco':
-        return (coco_karpathy_train(transform_train, *roots, skip_bad_samples=skip),
-                coco_karpathy_retrieval_eval(transform_test, *roots, 'val'),
-                coco_karpathy_retrieval_eval(transform_test, *roots, 'test'))
-    if dataset == 'retrieval_flickr':
-        return (flickr30k_train(transform_train, *roots, skip_bad_samples=skip),
-                flickr30k_retrieval_eval(transform_test, *roots, 'val'),
-                flickr30k_retrieval_eval(transform_test, *roots, 'test'))
-    return tuple(nlvr_dataset(transform_train if split == 'train' else transform_test, *roots, split,
-                              skip_bad_samples=skip and split == 'train') for split in ('train', 'val', 'test'))
+    return _BUILDERS[dataset](DatasetRequest(dataset, config, min_scale))
 
 
 def create_sampler(datasets: Sequence[Dataset], shuffles: Sequence[bool], num_tasks: int,
