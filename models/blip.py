@@ -120,7 +120,7 @@ class BLIP_Decoder(nn.Module):
         targets = ids.masked_fill(ids == self.tokenizer.pad_token_id, -100)
         targets[:, :self.prompt_length] = -100  # no loss on the prompt
         out = self.text_decoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
-                                labels=targets, return_dict=True, loss_only=True)
+                                labels=targets, loss_only=True)
         return out.loss
 
     def prompt_ids(self, batch_size: int, device, prompt: Optional[str] = None) -> torch.Tensor:

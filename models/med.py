@@ -545,10 +545,10 @@ class MED(nn.Module):
                 kvs.append(ca.self.project_kv(encoder_hidden_states))
         return kvs
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                is_decoder: bool = False, mode: str = 'multimodal', cross_kv: Optional[list] = None) -> MEDOutput:
+                use_cache=None, output_hidden_states=None, is_decoder: bool = False, mode: str = 'multimodal',
+                cross_kv: Optional[list] = None) -> MEDOutput:
         """Run the transformer.
 
         Args:
@@ -662,11 +662,10 @@ class MEDLMHeadModel(nn.Module):
                 release(self)
         return super().train(mode)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, labels=None, past_key_values=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                return_logits: bool = False, is_decoder: bool = True, reduction: str = 'mean',
-                mode: str = 'multimodal', cross_kv: Optional[list] = None, soft_labels=None, alpha: float = 0,
+                use_cache=None, output_hidden_states=None, return_logits: bool = False, is_decoder: bool = True,
+                reduction: str = 'mean', mode: str = 'multimodal', cross_kv: Optional[list] = None,
                 loss_only: bool = False):
         """Decoder forward; with ``labels`` the LM loss (label smoothing 0.1, ``reduction`` 'mean' or 'none').
 

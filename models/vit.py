@@ -39,8 +39,7 @@ class VisionTransformer(TimmVisionTransformer):
         depth = len(self.blocks)
         self.ckpt_from = depth - ckpt_layer if use_grad_checkpointing and ckpt_layer > 0 else depth
 
-    def forward(self, x: torch.Tensor, register_blk: int = -1) -> torch.Tensor:
-        # register_blk (Grad-CAM hooks of the original) is accepted for API compatibility only.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.norm_pre(x)
