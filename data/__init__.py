@@ -1,4 +1,4 @@
-"""Dataset, sampler and loader factories with the original's names and semantics (reference 7.4)."""
+"""Dataset registry (one entry per task), sampler and loader factories, with the original's names (reference 7.4)."""
 from __future__ import annotations
 
 import functools

@@ -1,5 +1,7 @@
-"""ITC and ITM objectives on the models' encoders (projection, momentum-distilled contrast, ITM rows), shared by
-pretraining, retrieval and ITM.
+"""ITC and ITM objectives applied to a model's encoders, shared by pretraining, retrieval and ITM.
+
+Projection to the contrastive space, momentum-distilled ITC against the feature queues, and the ITM rows of
+positives and hard negatives.
 
 The loss formulas themselves are pure functions in ``models/losses.py``; here they are applied to a model's
 encoders, momentum twins and queues (the attributes ``BLIP_Pretrain`` and ``BLIP_Retrieval`` both have).
