@@ -84,20 +84,17 @@ def _nocaps(r: DatasetRequest) -> tuple:
     return nocaps_eval(test, *roots, 'val'), nocaps_eval(test, *roots, 'test')
 
 
-@register_dataset('retrieval_coco')
-def _retrieval_coco(r: DatasetRequest) -> tuple:
-    roots, (train, test) = r.roots, r.transforms
-    return (coco_karpathy_train(train, *roots, skip_bad_samples=r.skip),
-            coco_karpathy_retrieval_eval(test, *roots, 'val'),
-            coco_karpathy_retrieval_eval(test, *roots, 'test'))
+def _retrieval(train_set: Callable, eval_set: Callable) -> Callable[[DatasetRequest], tuple]:
+    """The builder of a retrieval task: (train, val, test) of an image-caption dataset."""
+    def build(r: DatasetRequest) -> tuple:
+        roots, (train, test) = r.roots, r.transforms
+        return (train_set(train, *roots, skip_bad_samples=r.skip),
+                eval_set(test, *roots, 'val'), eval_set(test, *roots, 'test'))
+    return build
 
 
-@register_dataset('retrieval_flickr')
-def _retrieval_flickr(r: DatasetRequest) -> tuple:
-    roots, (train, test) = r.roots, r.transforms
-    return (flickr30k_train(train, *roots, skip_bad_samples=r.skip),
-            flickr30k_retrieval_eval(test, *roots, 'val'),
-            flickr30k_retrieval_eval(test, *roots, 'test'))
+register_dataset('retrieval_coco')(_retrieval(coco_karpathy_train, coco_karpathy_retrieval_eval))
+register_dataset('retrieval_flickr')(_retrieval(flickr30k_train, flickr30k_retrieval_eval))
 
 
 @register_dataset('vqa')
