@@ -11,20 +11,17 @@ from typing import Optional
 
 from engine.captioning import generate_captions
 from engine.evaluation import save_result
-from engine.runner import CommonConfig, Run
+from engine.config import VisionConfig
+from engine.runner import Run
 from models.blip import blip_decoder
 
 
 @dataclass
-class NoCapsConfig(CommonConfig):
+class NoCapsConfig(VisionConfig):
     image_root: str = ''
     ann_root: str = ''
     pretrained: str = ''
-    vit: object = 'base'
     batch_size: int = 32
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
-    image_size: int = 384
     max_length: int = 20
     min_length: int = 5
     num_beams: int = 3
@@ -37,9 +34,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     config = run.config
     val_set, test_set = run.datasets('nocaps')
     val_loader, test_loader = run.loaders([val_set, test_set], [False, False], [config.batch_size] * 2)
-    model = blip_decoder(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                         vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                         prompt=config.prompt, med_config=config.med_config)
+    model = blip_decoder(pretrained=config.pretrained, prompt=config.prompt, **config.model_kwargs())
     model = model.to(run.device).eval()
     paths = {}
     for split, loader in (('val', val_loader), ('test', test_loader)):

@@ -13,22 +13,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.evaluation import evaluation_retrieval_video, itm_eval_video
-from engine.runner import CommonConfig, Run
+from engine.config import VisionConfig
+from engine.runner import Run
 from models.blip_retrieval import blip_retrieval
 
 
 @dataclass
-class VideoRetrievalConfig(CommonConfig):
+class VideoRetrievalConfig(VisionConfig):
     video_root: str = ''
     ann_root: str = ''
     pretrained: str = ''
-    vit: object = 'base'
     batch_size: int = 64
     k_test: int = 128
-    image_size: int = 384
     num_frm_test: int = 8
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
     queue_size: int = 57600
 
 
@@ -38,9 +35,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     test_set = run.datasets('retrieval_msrvtt')
     test_set = test_set[0] if isinstance(test_set, (tuple, list)) else test_set
     (test_loader,) = run.loaders([test_set], [False], [config.batch_size], distributed_eval=False)
-    model = blip_retrieval(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                           vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                           queue_size=config.queue_size, med_config=config.med_config)
+    model = blip_retrieval(pretrained=config.pretrained, queue_size=config.queue_size, **config.model_kwargs())
     model = model.to(run.device).eval()
     score_v2t, score_t2v = evaluation_retrieval_video(model, test_loader, model.tokenizer, run.device,
                                                       config.k_test, amp_dtype=run.amp_dtype)

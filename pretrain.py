@@ -15,18 +15,16 @@ from typing import Optional
 
 import torch
 
-from engine.runner import CommonConfig, Run
+from engine.config import VisionConfig
+from engine.runner import Run
 from models.blip_pretrain import TextBatch, TokenizingCollate, blip_pretrain, init_from_pretrained
 
 
 @dataclass
-class PretrainConfig(CommonConfig):
+class PretrainConfig(VisionConfig):
     train_file: list = field(default_factory=list)
     laion_path: str = ''
     image_root: str = ''   # prefix for relative image paths in train_file (toy data)
-    vit: object = 'base'
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
     image_size: int = 224
     batch_size: int = 75
     queue_size: int = 57600
@@ -106,9 +104,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, PretrainConfig, description=__doc__)
     config = run.config
     train_set = run.datasets('pretrain', min_scale=0.2)
-    model = blip_pretrain(image_size=config.image_size, vit=config.vit, vit_grad_ckpt=config.vit_grad_ckpt,
-                          vit_ckpt_layer=config.vit_ckpt_layer, queue_size=config.queue_size, momentum=config.momentum,
-                          med_config=config.med_config)
+    model = blip_pretrain(queue_size=config.queue_size, momentum=config.momentum, **config.model_kwargs())
     # not in the original: captions are tokenised in the loader's workers, not between two training steps
     (train_loader,) = run.loaders([train_set], [True], [config.batch_size], [TokenizingCollate(model.tokenizer)])
     if config.init_vit or config.init_text:

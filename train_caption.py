@@ -12,22 +12,19 @@ from typing import Optional
 from data.utils import ensure_annotation
 from engine.captioning import generate_captions
 from engine.evaluation import coco_caption_eval, save_result
-from engine.runner import CommonConfig, Run, cosine_epoch_lr
+from engine.config import VisionConfig
+from engine.runner import Run, cosine_epoch_lr
 from models.blip import blip_decoder
 
 
 @dataclass
-class CaptionConfig(CommonConfig):
+class CaptionConfig(VisionConfig):
     image_root: str = ''
     ann_root: str = ''
     coco_gt_root: str = ''
     pretrained: str = ''
-    vit: object = 'base'
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
     batch_size: int = 32
     init_lr: float = 1e-5
-    image_size: int = 384
     max_length: int = 20
     min_length: int = 5
     num_beams: int = 3
@@ -69,9 +66,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             caption_gt_file(config, split)
     train_loader, val_loader, test_loader = run.loaders([train_set, val_set, test_set], [True, False, False],
                                                         [config.batch_size] * 3)
-    model = blip_decoder(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                         vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                         prompt=config.prompt, med_config=config.med_config)
+    model = blip_decoder(pretrained=config.pretrained, prompt=config.prompt, **config.model_kwargs())
     run.setup_model(model)
     stats = {}
     for epoch in run.epochs():  # one pass with --evaluate

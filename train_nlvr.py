@@ -11,23 +11,20 @@ from typing import Optional
 
 import torch
 
+from engine.config import VisionConfig
 from engine.precision import autocast
-from engine.runner import CommonConfig, Run, cosine_epoch_lr, gather_objects, progress
+from engine.runner import Run, cosine_epoch_lr, gather_objects, progress
 from models.blip_nlvr import blip_nlvr
 
 
 @dataclass
-class NLVRConfig(CommonConfig):
+class NLVRConfig(VisionConfig):
     image_root: str = ''
     ann_root: str = ''
     pretrained: str = ''
-    vit: object = 'base'
     batch_size_train: int = 16
     batch_size_test: int = 64
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
     max_epoch: int = 15
-    image_size: int = 384
     weight_decay: float = 0.05
     init_lr: float = 3e-5
     min_lr: float = 0.0
@@ -63,9 +60,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_loader, val_loader, test_loader = run.loaders(
         [train_set, val_set, test_set], [True, False, False],
         [config.batch_size_train, config.batch_size_test, config.batch_size_test])
-    model = blip_nlvr(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                      vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                      med_config=config.med_config)
+    model = blip_nlvr(pretrained=config.pretrained, **config.model_kwargs())
     run.setup_model(model)
     stats = {}
     for epoch in run.epochs():

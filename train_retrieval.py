@@ -14,23 +14,22 @@ from typing import Optional
 
 
 from engine.evaluation import evaluation_retrieval, itm_eval
-from engine.runner import CommonConfig, Run, cosine_epoch_lr
+from engine.config import VisionConfig
+from engine.runner import Run, cosine_epoch_lr
 from models.blip_retrieval import blip_retrieval
 
 
 @dataclass
-class RetrievalConfig(CommonConfig):
+class RetrievalConfig(VisionConfig):
     image_root: str = ''
     ann_root: str = ''
     dataset: str = 'coco'
     pretrained: str = ''
-    vit: object = 'base'
     batch_size_train: int = 32
     batch_size_test: int = 64
     vit_grad_ckpt: bool = True
     vit_ckpt_layer: int = 4
     init_lr: float = 1e-5
-    image_size: int = 384
     queue_size: int = 57600
     alpha: float = 0.4
     momentum: float = 0.995   # EMA of the momentum encoders (the original's constructor default)
@@ -67,10 +66,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_loader, val_loader, test_loader = run.loaders(
         [train_set, val_set, test_set], [True, False, False],
         [config.batch_size_train, config.batch_size_test, config.batch_size_test], distributed_eval=False)
-    model = blip_retrieval(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                           vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                           queue_size=config.queue_size, negative_all_rank=config.negative_all_rank, momentum=config.momentum,
-                           med_config=config.med_config)
+    model = blip_retrieval(pretrained=config.pretrained, queue_size=config.queue_size,
+                           negative_all_rank=config.negative_all_rank, momentum=config.momentum, **config.model_kwargs())
     run.setup_model(model)
     stats = {}
     step = make_step(config)

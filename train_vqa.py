@@ -19,22 +19,20 @@ import torch
 from data.vqa_dataset import vqa_collate_fn
 from engine.evaluation import save_result, vqa_accuracy
 from engine.precision import autocast
-from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
+from engine.config import VisionConfig
+from engine.runner import Run, cosine_epoch_lr, progress
 from models.blip_vqa import blip_vqa
 
 
 @dataclass
-class VQAConfig(CommonConfig):
+class VQAConfig(VisionConfig):
     vqa_root: str = ''
     vg_root: str = ''
     train_files: list = field(default_factory=lambda: ['vqa_train', 'vqa_val', 'vg_qa'])
     ann_root: str = ''
     pretrained: str = ''
-    vit: object = 'base'
     batch_size_train: int = 16
     batch_size_test: int = 32
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
     init_lr: float = 2e-5
     image_size: int = 480
     k_test: int = 128
@@ -82,9 +80,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_loader, test_loader = run.loaders([train_set, test_set], [True, False],
                                             [config.batch_size_train, config.batch_size_test],
                                             collate_fns=[vqa_collate_fn, None])
-    model = blip_vqa(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                     vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
-                     med_config=config.med_config)
+    model = blip_vqa(pretrained=config.pretrained, **config.model_kwargs())
     run.setup_model(model)
     stats = {}
     for epoch in run.epochs():

@@ -69,6 +69,20 @@ class CommonConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
 
+@dataclass
+class VisionConfig(CommonConfig):
+    """The image encoder's keys, as the original YAMLs name them, shared by every script that builds a model."""
+    vit: object = 'base'
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    image_size: int = 384
+
+    def model_kwargs(self) -> dict:
+        """What every model factory takes from the config: ViT size and checkpointing, image size, MED config."""
+        return dict(image_size=self.image_size, vit=self.vit, vit_grad_ckpt=self.vit_grad_ckpt,
+                    vit_ckpt_layer=self.vit_ckpt_layer, med_config=self.med_config)
+
+
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
