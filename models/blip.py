@@ -15,7 +15,7 @@ from transformers import BertTokenizer
 
 from models import generation
 from models.checkpoint import load_checkpoint  # noqa: F401  (original import path)
-from models.layout import check_missing
+from models.layout import load_pretrained
 from models.med import MED, MEDConfig, MEDLMHeadModel
 from models.vit import create_vit, interpolate_pos_embed  # noqa: F401  (original import path)
 
@@ -155,15 +155,11 @@ class BLIP_Decoder(nn.Module):
 
 def blip_decoder(pretrained: str = '', **kwargs) -> BLIP_Decoder:
     model = BLIP_Decoder(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        check_missing('blip_decoder', model, msg.missing_keys, pretrained)
+    load_pretrained(model, pretrained, 'blip_decoder')
     return model
 
 
 def blip_feature_extractor(pretrained: str = '', **kwargs) -> BLIP_Base:
     model = BLIP_Base(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        check_missing('blip_feature_extractor', model, msg.missing_keys, pretrained)
+    load_pretrained(model, pretrained, 'blip_feature_extractor')
     return model

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
-from models.checkpoint import load_checkpoint
-from models.layout import check_missing
+from models.layout import load_pretrained
 from models.med import MED
 from models.objectives import fp32, project
 from models.vit import create_vit
@@ -86,7 +85,5 @@ def blip_itm(pretrained: str = '', **kwargs) -> BLIP_ITM:
     Momentum encoders, queues, ``temp`` and a pretrain decoder are unused and reported as dropped.
     """
     model = BLIP_ITM(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        check_missing('blip_itm', model, msg.missing_keys, pretrained)
+    load_pretrained(model, pretrained, 'blip_itm')
     return model

@@ -15,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.blip import init_tokenizer, load_med_config
-from models.checkpoint import load_checkpoint
-from models.layout import check_missing
+from models.layout import load_pretrained
 from models.med import MED
 from models.vit import create_vit
 
@@ -99,7 +98,5 @@ def blip_nlvr(pretrained: str = '', **kwargs) -> BLIP_NLVR:
     initialisation; an NLVR2 checkpoint leaves nothing. Anything else missing is an error.
     """
     model = BLIP_NLVR(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        check_missing('blip_nlvr', model, msg.missing_keys, pretrained)
+    load_pretrained(model, pretrained, 'blip_nlvr')
     return model

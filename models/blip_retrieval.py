@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
-from models.checkpoint import load_checkpoint
-from models.layout import QUEUE_KEYS, check_missing, momentum_keys
+from models.layout import QUEUE_KEYS, load_pretrained, momentum_keys
 from models.losses import itm_loss, itm_negative_weights, sample_negatives
 from models.med import MED, select_cross_kv
 from models.momentum import FeatureQueue, all_gather_no_grad, all_gather_with_grad, copy_params
@@ -159,10 +158,7 @@ def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
     layout: they are copied from the loaded online weights). Anything else missing is an error.
     """
     model = BLIP_Retrieval(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        fresh = check_missing('blip_retrieval', model, msg.missing_keys, pretrained)
-        if momentum_keys(fresh):
-            copy_params(model.model_pairs)
-            print('blip_retrieval: checkpoint has no momentum encoders; copied them from the online ones')
+    if momentum_keys(load_pretrained(model, pretrained, 'blip_retrieval')):
+        copy_params(model.model_pairs)
+        print('blip_retrieval: checkpoint has no momentum encoders; copied them from the online ones')
     return model

@@ -22,8 +22,7 @@ import torch.nn as nn
 
 from models import generation
 from models.blip import init_tokenizer, load_med_config
-from models.checkpoint import load_checkpoint
-from models.layout import check_missing
+from models.layout import load_pretrained
 from models.med import MED, MEDLMHeadModel
 from models.vit import create_vit
 
@@ -212,7 +211,5 @@ def blip_vqa(pretrained: str = '', **kwargs) -> BLIP_VQA:
     ``remap_checkpoint`` (ViT-L pretrain); anything else missing is an error.
     """
     model = BLIP_VQA(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        check_missing('blip_vqa', model, msg.missing_keys, pretrained)
+    load_pretrained(model, pretrained, 'blip_vqa')
     return model

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, load_checkpoint
 
 # Original per-projection key names of each fused parameter (the checkpoint layout), in concatenation order.
 FUSED_PARTS = {'qkv': ('query', 'key', 'value'), 'kv': ('key', 'value')}
@@ -230,3 +230,12 @@ def check_missing(factory: str, model: nn.Module, missing_keys: Iterable[str], s
         raise CheckpointError(f'{factory}: checkpoint {source} lacks {len(unexplained)} key(s) the model needs, '
                               f'e.g. {unexplained[:5]}')
     return allowed
+
+
+def load_pretrained(model: nn.Module, pretrained: str, factory: str) -> set[str]:
+    """What every factory does with its ``pretrained`` argument: load the checkpoint (``load_checkpoint``), if any,
+    and refuse gaps ``MAY_BE_MISSING[factory]`` does not declare; returns the declared keys that were missing."""
+    if not pretrained:
+        return set()
+    _, msg = load_checkpoint(model, pretrained)
+    return check_missing(factory, model, msg.missing_keys, pretrained)
