@@ -144,8 +144,6 @@ class MEDOutput:
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
     hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-    cross_attentions: Optional[tuple] = None
 
     def __getitem__(self, i: int):
         values = [v for v in (self.loss, self.logits, self.last_hidden_state, self.past_key_values) if v is not None]
