@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.captioning import generate_captions
-from engine.evaluation import save_result
 from engine.config import VisionConfig
+from engine.evaluation import save_result
 from engine.runner import Run
 from models.blip import blip_decoder
 

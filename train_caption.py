@@ -11,8 +11,8 @@ from typing import Optional
 
 from data.utils import ensure_annotation
 from engine.captioning import generate_captions
-from engine.evaluation import coco_caption_eval, save_result
 from engine.config import VisionConfig
+from engine.evaluation import coco_caption_eval, save_result
 from engine.runner import Run, cosine_epoch_lr
 from models.blip import blip_decoder
 

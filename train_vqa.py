@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 
 from data.vqa_dataset import vqa_collate_fn
+from engine.config import VisionConfig
 from engine.evaluation import save_result, vqa_accuracy
 from engine.precision import autocast
-from engine.config import VisionConfig
 from engine.runner import Run, cosine_epoch_lr, progress
 from models.blip_vqa import blip_vqa
 
