@@ -116,17 +116,27 @@ def _is_layer(module: nn.Module) -> bool:
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules ``fully_shard`` makes their own unit, children before parents (then the root holds the rest).
 
-    Candidates: every ViT block and MED layer; every module reached through two paths (pretraining's encoder and
+    Candidates: every ViT block and MED layer; every cross-attention key/value projection (called on its own);
+    every module reached through two paths (pretraining's encoder and
     decoder share cross-attention and FFN modules, ``share_encoder_decoder``); every module with a momentum twin
     and the twin. A candidate becomes a unit only if none of its parameters (outside units made before) is also
     reached from outside it: a tied parameter (the word embeddings in the LM head) stays with the root, which
     gathers it for the whole forward.
     """
+    # a cross-attention's key/value projection is called outside its layer's forward (``MED.precompute_cross_kv``
+    # projects the image once for many texts), so it gathers its weights itself
+    from models.med import Attention
+    called_alone = {id(m.kv) for m in model.modules() if isinstance(m, Attention) and hasattr(m, 'kv')}
     paired = {id(m) for owner in model.modules() for pair in (getattr(owner, 'model_pairs', None) or ())
               for m in pair}
     paths: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
+    parents: dict[int, list[int]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         paths[id(module)] = paths.get(id(module), 0) + 1
+        if name:
+            parents.setdefault(id(module), []).append(id(model.get_submodule(name.rpartition('.')[0])))
+    # a shared module is one unit: the outermost module reached through more paths than its parents
+    shared = {m for m, n in paths.items() if n > 1 and any(paths[p] < n for p in parents.get(m, []))}
     units: list[nn.Module] = []
     done: set[int] = set()
 
@@ -138,7 +148,7 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
             visit(child)
         if module is model:
             return
-        candidate = _is_layer(module) or paths[id(module)] > 1 or id(module) in paired
+        candidate = _is_layer(module) or id(module) in shared or id(module) in paired or id(module) in called_alone
         owned = _own_parameters(module, units)
         if candidate and owned and not owned & _parameters_outside(model, module):
             units.append(module)
