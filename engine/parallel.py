@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from models.collectives import get_world_size
 
-__all__ = ['PARALLEL_MODES', 'wrap', 'unwrap', 'is_sharded', 'eval_model', 'train_mode', 'full_state_dict',
+__all__ = ['PARALLEL_MODES', 'wrap', 'checkpoint_med_layers', 'unwrap', 'is_sharded', 'eval_model', 'train_mode', 'full_state_dict',
            'full_optimizer_state', 'load_full_state', 'shard_units']
 
 PARALLEL_MODES = ('ddp', 'fsdp')
@@ -44,15 +44,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- wrapping
 
 def wrap(model: nn.Module, mode: str, device: torch.device, precision: str = 'none',
-         find_unused_parameters: bool = False) -> nn.Module:
+         find_unused_parameters: bool = False, checkpoint_med: bool = False) -> nn.Module:
     """The model to train under ``mode`` (``PARALLEL_MODES``); the model itself without a process group.
 
     ``precision`` (the run's ``amp``) sets FSDP's mixed precision: ``bf16`` / ``fp16`` gather parameters in
     that type and reduce gradients in fp32 (``MixedPrecisionPolicy``); the sharded master weights and the
-    optimizer state stay fp32 as under DDP.
+    optimizer state stay fp32 as under DDP. ``checkpoint_med``: every MED layer recomputes its activations in
+    the backward pass (``checkpoint_med_layers``; the ViT's own is ``vit_grad_ckpt``).
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f'parallel must be one of {PARALLEL_MODES}, got {mode!r}')
+    if checkpoint_med:
+        checkpoint_med_layers(model)
     if get_world_size() == 1:
         return model
     if mode == 'ddp':
@@ -60,6 +63,18 @@ def wrap(model: nn.Module, mode: str, device: torch.device, precision: str = 'no
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                    find_unused_parameters=find_unused_parameters)
     return _fully_shard(model, device, precision)
+
+
+def checkpoint_med_layers(model: nn.Module) -> int:
+    """Activation checkpointing of every MED layer, by hooks (``torch.distributed._composable.checkpoint``): module
+    names, state-dict keys and checkpoints are unchanged. Applied before sharding, as FSDP2 expects. Returns how
+    many layers."""
+    from torch.distributed._composable import checkpoint
+    from models.med import Layer
+    layers = [m for m in model.modules() if isinstance(m, Layer)]
+    for layer in layers:
+        checkpoint(layer)
+    return len(layers)
 
 
 def _fully_shard(model: nn.Module, device: torch.device, precision: str) -> nn.Module:

@@ -234,7 +234,8 @@ class Run:
             raise ConfigError(f"{self.args.config}: parallel fsdp runs without compile and without amp fp16 (its "
                               f"grad scaler does not see sharded gradients); use amp bf16 / none, compile false")
         self.model_without_ddp = model  # fully_shard works in place: the sharded model is this module too
-        self.model = parallel.wrap(model, mode, self.device, self.precision, find_unused_parameters)
+        self.model = parallel.wrap(model, mode, self.device, self.precision, find_unused_parameters,
+                                    checkpoint_med=self.config.get('med_grad_ckpt', False))
         if mode == 'fsdp' and not parallel.is_sharded(model):
             print('parallel fsdp: one process, nothing to shard (the model trains whole)')
         # after wrapping: FSDP replaces the parameters by their shards, which the optimizer must hold

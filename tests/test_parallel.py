@@ -62,8 +62,14 @@ def pretrain_runs(toy, module_dir) -> dict[str, Path]:
     """The toy pretraining (1 epoch) under DDP and FSDP, 2 processes each."""
     outs = {mode: module_dir(f'pretrain_{mode}') for mode in ('ddp', 'fsdp')}
     for mode, out in outs.items():
-        _wait(_torchrun('pretrain', argv('pretrain', toy, out) + [f'parallel={mode}']))
+        _wait(_torchrun('pretrain', argv('pretrain', toy, out) + OPTIONS[mode]))
     return outs
+
+
+# FSDP with activation checkpointing of the ViT and the MED (recomputation must not change the losses), both with
+# gradient clipping (the norm over sharded and replicated gradients)
+OPTIONS = {'ddp': ['parallel=ddp', 'clip_grad=1.0'],
+           'fsdp': ['parallel=fsdp', 'clip_grad=1.0', 'vit_grad_ckpt=true', 'vit_ckpt_layer=1', 'med_grad_ckpt=true']}
 
 
 LOSSES = ['train_loss_ita', 'train_loss_itm', 'train_loss_lm']
@@ -71,7 +77,7 @@ LOSSES = ['train_loss_ita', 'train_loss_itm', 'train_loss_lm']
 
 def test_fsdp_pretraining_matches_ddp_losses_and_checkpoint_layout(pretrain_runs):
     """FSDP shards parameters, gradients and AdamW moments but is the same optimisation: epoch-mean losses within
-    2% of DDP's (on the CPU in fp32 they agree to rounding), and the checkpoint holds the same keys, shapes and
+    2% of DDP's (on the CPU in fp32 they agree to rounding, activation checkpointing included), and the checkpoint holds the same keys, shapes and
     original layout (query/key/value, not the fused qkv) as DDP's, with whole, unsharded tensors."""
     ddp, fsdp = (_last_log(pretrain_runs[m]) for m in ('ddp', 'fsdp'))
     _close(ddp, fsdp, LOSSES)
@@ -109,7 +115,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(pretrain_runs, toy, tmp_
     port = _free_port()
     launcher = ['--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
                 '--rdzv_id=blip-test', '--max_restarts=0']
-    args = argv('pretrain', toy, tmp_path) + ['parallel=fsdp']
+    args = argv('pretrain', toy, tmp_path) + OPTIONS['fsdp']
     out = _wait(_torchrun('pretrain', args, launcher), _torchrun('pretrain', args, launcher))
     assert 'distributed init (rank 0/2, gloo)' in out
     _close(_last_log(pretrain_runs['fsdp']), _last_log(tmp_path), LOSSES, rel=1e-3)
@@ -119,8 +125,8 @@ def test_fsdp_captioning_matches_ddp(toy, tmp_path):
     """Caption fine-tuning and its evaluation (beam search, each rank on its own images, weights gathered by
     ``run.eval_model``) under FSDP: same epoch loss as DDP, same captions, same checkpoint keys."""
     outs = {mode: tmp_path / mode for mode in ('ddp', 'fsdp')}
-    _wait(*[_torchrun('train_caption', argv('train_caption', toy, out) + [f'parallel={mode}'])
-            for mode, out in outs.items()])
+    extra = {'ddp': ['parallel=ddp'], 'fsdp': ['parallel=fsdp', 'med_grad_ckpt=true']}
+    _wait(*[_torchrun('train_caption', argv('train_caption', toy, out) + extra[mode]) for mode, out in outs.items()])
     _close(_last_log(outs['ddp']), _last_log(outs['fsdp']), ['train_loss'])
     captions = [json.loads((out / 'result/val_epoch0.json').read_text()) for out in outs.values()]
     assert captions[0] == captions[1] and len(captions[0]) == 8
@@ -175,6 +181,33 @@ def test_pinned_momentum_update_equals_the_plain_one():
     momentum_update(PinnedPairs(b.model_pairs), 0.9)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_med_layer_checkpointing_saves_fewer_activations_same_gradients():
+    """``med_grad_ckpt``: each MED layer keeps only its inputs for the backward pass and recomputes the rest; the
+    loss and every gradient are those without it, and the state-dict keys are unchanged."""
+    from engine.parallel import checkpoint_med_layers
+    from models.blip import BLIP_Decoder
+
+    def run(checkpointed: bool):
+        torch.manual_seed(0)
+        model = BLIP_Decoder(image_size=TINY_IMAGE, vit=dict(TINY_VIT), med_config=dict(TINY_MED))
+        keys = list(model.state_dict())
+        if checkpointed:
+            assert checkpoint_med_layers(model) == 2
+        assert list(model.state_dict()) == keys
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE, generator=torch.Generator().manual_seed(1)),
+                         ['a dog on the grass', 'two cats'])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+    (loss, grads, saved), (loss_c, grads_c, saved_c) = run(False), run(True)
+    torch.testing.assert_close(loss_c, loss)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], msg=n)
+    assert saved_c < saved
 
 
 def test_unknown_parallel_mode_is_one_clear_error(toy, tmp_path):
