@@ -85,8 +85,8 @@ def test_fsdp_pretraining_matches_ddp_losses_and_checkpoint_layout(pretrain_runs
     assert [(k, v.shape) for k, v in a['model'].items()] == [(k, v.shape) for k, v in b['model'].items()]
     assert not any('self.qkv' in k or 'self.kv' in k for k in b['model']) and any(k.endswith('attention.self.query.weight') for k in b['model'])
     assert all(type(v) is torch.Tensor for v in b['model'].values())  # no DTensor shards in the file
-    for k in a['model']:
-        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-4, atol=1e-5)
+    for k in a['model']:  # the same to rounding (gradient norms and reductions are summed in other orders)
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-3, atol=1e-4)
     assert a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
     for i, state in a['optimizer']['state'].items():
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in b['optimizer']['state'][i].items()}
@@ -132,6 +132,54 @@ def test_fsdp_captioning_matches_ddp(toy, tmp_path):
     assert captions[0] == captions[1] and len(captions[0]) == 8
     a, b = (torch.load(out / 'checkpoint_best.pth', weights_only=True)['model'] for out in outs.values())
     assert [(k, v.shape) for k, v in a.items()] == [(k, v.shape) for k, v in b.items()]
+
+
+ROUND_TRIP = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from engine import parallel
+from engine.checkpoint_io import optimizer_state_in_our_layout
+from models.blip_pretrain import BLIP_Pretrain
+from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+dist.init_process_group('gloo')
+torch.manual_seed(dist.get_rank())  # rank 1 starts from other weights: the load must overwrite them
+model = BLIP_Pretrain(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT), queue_size=16)
+model = parallel.wrap(model, 'fsdp', torch.device('cpu'))
+assert parallel.is_sharded(model)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+saved = torch.load({file!r}, weights_only=True)
+parallel.load_full_state(model, saved['model'])
+optimizer.load_state_dict(parallel.shard_optimizer_state(
+    model, optimizer, optimizer_state_in_our_layout(saved['optimizer'], model, optimizer)))
+state = parallel.full_state_dict(model)
+moments = parallel.full_optimizer_state(model, optimizer)
+if dist.get_rank() == 0:
+    assert list(state) == list(saved['model'])
+    for k, v in saved['model'].items():
+        assert torch.equal(state[k], v), k
+    for i, s in saved['optimizer']['state'].items():
+        for k, v in s.items():
+            assert torch.equal(moments['state'][i][k], v), (i, k)
+    print('ROUND TRIP OK')
+dist.destroy_process_group()
+"""
+
+
+def test_checkpoint_loads_into_fsdp_and_gathers_back_unchanged(tmp_path):
+    """A single-process checkpoint (original layout: q/k/v separate) loaded into a 2-rank FSDP model -- each rank
+    keeping its shard of every tensor, AdamW moments included -- gathers back to exactly the same file contents."""
+    from engine.checkpoint_io import save_checkpoint
+    model = _tiny_pretrain()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE), ['a dog', 'two cats'], alpha=0.4)[0].backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / 'ck.pth', model, optimizer, {}, 0, 1)
+    script = tmp_path / 'round_trip.py'
+    script.write_text(ROUND_TRIP.format(root=str(ROOT), file=str(tmp_path / 'ck.pth')))
+    out = _wait(subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                  str(script)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True))
+    assert 'ROUND TRIP OK' in out
 
 
 # ---------------------------------------------------------------------------------------------- one process
