@@ -252,7 +252,8 @@ class Run:
     @property
     def eval_model(self) -> torch.nn.Module:
         """The module evaluation calls (``generate``, retrieval scoring...), each rank on its own batches: the
-        unwrapped model; under FSDP with its weights gathered until the next ``train_epoch``."""
+        unwrapped model; under FSDP with its weights gathered until the next ``train_epoch`` (a collective the
+        first time after training: every rank reads it, as the scripts' evaluation functions do)."""
         return parallel.eval_model(self.model)
 
     def _maybe_resume(self) -> None:
