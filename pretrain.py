@@ -111,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
     run.setup_model(model)
     stats = {}
-    step = make_graphed_step(config, run.model_without_ddp, run.optimizer) if config.cuda_graph else make_step(config)
+    step = make_graphed_step(config, run.model, run.optimizer) if config.cuda_graph else make_step(config)
     for epoch in run.epochs():
         if config.laion_path and hasattr(train_set, 'reload_laion'):
             train_set.reload_laion(epoch)

@@ -72,8 +72,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for epoch in run.epochs():  # one pass with --evaluate
         train_stats = {} if run.args.evaluate else run.train_epoch(
             epoch, train_loader, caption_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
-        val = evaluate_split(run, run.model_without_ddp, val_loader, 'val', f'epoch{epoch}')
-        test = evaluate_split(run, run.model_without_ddp, test_loader, 'test', f'epoch{epoch}')
+        val = evaluate_split(run, run.eval_model, val_loader, 'val', f'epoch{epoch}')
+        test = evaluate_split(run, run.eval_model, test_loader, 'test', f'epoch{epoch}')
         if run.is_main and run.args.evaluate:
             stats = {**{f'val_{k}': v for k, v in val.items()}, **{f'test_{k}': v for k, v in test.items()}}
             run.log(stats, 'evaluate.txt')

@@ -39,7 +39,7 @@ def nlvr_step(model, batch, ctx) -> dict:
 @torch.no_grad()
 def evaluate(run: Run, loader) -> dict:
     """Accuracy over the dataset's examples, each counted once (distributed-sampler padding removed)."""
-    model = run.model_without_ddp
+    model = run.eval_model
     model.eval()
     correct = []
     for image0, image1, text, targets in progress(loader, 'nlvr'):

@@ -51,7 +51,8 @@ def make_step(config: RetrievalConfig):
 
 
 def evaluate(run: Run, loader) -> dict:
-    score_i2t, score_t2i = evaluation_retrieval(run.model_without_ddp, loader, run.model_without_ddp.tokenizer,
+    model = run.eval_model
+    score_i2t, score_t2i = evaluation_retrieval(model, loader, model.tokenizer,
                                                 run.device, run.config.k_test, amp_dtype=run.amp_dtype)
     dataset = loader.dataset
     return itm_eval(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)

@@ -51,7 +51,7 @@ def vqa_step(model, batch, ctx) -> dict:
 
 @torch.no_grad()
 def answer_questions(run: Run, loader) -> list[dict]:
-    model, config, device = run.model_without_ddp, run.config, run.device
+    model, config, device = run.eval_model, run.config, run.device
     model.eval()
     answer_list = loader.dataset.answer_list
     results = []

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.parallel import load_full_state, shard_optimizer_state
 from models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 from models.layout import optimizer_state_in_our_layout
 
@@ -86,20 +87,36 @@ def check_finite_weights(model: torch.nn.Module, path: str | os.PathLike) -> Non
                                     f'checkpoints already on disk are from before')
 
 
+def check_finite_state(state: dict, path: str | os.PathLike) -> None:
+    """``check_finite_weights`` for a gathered state dict."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise NonFiniteWeightsError(f'{path}: not written, the model weights are not finite (first: {bad}); '
+                                    f'checkpoints already on disk are from before')
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     config: dict, epoch: int, resume_epoch: int, resume_step: int = 0,
                     scaler: Optional[torch.amp.GradScaler] = None, rng: Optional[list] = None,
-                    progress: Optional[dict] = None) -> Path:
+                    progress: Optional[dict] = None, model_state: Optional[dict] = None,
+                    optimizer_state: Optional[dict] = None) -> Path:
     """Write a checkpoint whose ``--resume`` continues at (``resume_epoch``, ``resume_step``).
 
     ``rng``: the RNG states of every rank (rank order); default this process's. ``progress``: what the
     script tracks across epochs (best score and epoch), restored by ``load_training_state``. Weights that
-    are not finite raise ``NonFiniteWeightsError`` instead of replacing the file.
+    are not finite raise ``NonFiniteWeightsError`` instead of replacing the file. ``model_state`` /
+    ``optimizer_state``: the states gathered from a sharded model (``engine.parallel``) instead of ``model``'s own.
     """
-    check_finite_weights(model, path)
+    if model_state is None:
+        check_finite_weights(model, path)
+        model_state = model.state_dict()
+    else:
+        check_finite_state(model_state, path)
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict() if optimizer is not None else {}
     checkpoint = {
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict() if optimizer is not None else {},
+        'model': model_state,
+        'optimizer': optimizer_state,
         'config': config,
         'epoch': epoch,
         'resume': {'epoch': resume_epoch, 'step': resume_step, 'progress': dict(progress or {})},
@@ -125,13 +142,14 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     for key in ('model', 'epoch'):
         if key not in checkpoint:
             raise CheckpointError(f'{source}: not a training checkpoint (no {key!r} key)')
-    try:
-        model.load_state_dict(extract_state_dict(checkpoint, source), strict=True)
+    try:  # sharded (FSDP) or not: each rank takes its part of the whole tensors
+        load_full_state(model, extract_state_dict(checkpoint, source), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f'{source}: does not match the model: {e}') from e
     if optimizer is not None and checkpoint.get('optimizer'):
         try:
-            optimizer.load_state_dict(optimizer_state_in_our_layout(checkpoint['optimizer'], model, optimizer))
+            optimizer.load_state_dict(shard_optimizer_state(
+                model, optimizer, optimizer_state_in_our_layout(checkpoint['optimizer'], model, optimizer)))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f'{source}: optimizer state does not match: {e}') from e
     if scaler is not None and 'scaler' in checkpoint:

@@ -33,7 +33,9 @@ class CommonConfig:
     ``amp``: '' picks bf16 on CUDA and none on the CPU; ``accum_steps``: micro-batches per optimizer
     step; ``clip_grad``: max grad norm (0 = off, the original); ``save_every_steps``: mid-epoch
     checkpoints for ``--resume`` (0 = epoch ends only); ``compile``: ``torch.compile`` each ViT block and MED
-    layer (``models.compile``; decoding stays eager).
+    layer (``models.compile``; decoding stays eager); ``parallel``: ``ddp`` (every rank holds the whole model) or
+    ``fsdp`` (FSDP2: weights, gradients and AdamW moments sharded over the ranks, ``engine.parallel``);
+    ``med_grad_ckpt``: activation checkpointing of every MED layer (the ViT's is the original ``vit_grad_ckpt``).
     """
     med_config: str = 'configs/med_config.json'
     toy_root: str = ''
@@ -45,6 +47,8 @@ class CommonConfig:
     save_every_steps: int = 0
     skip_bad_samples: bool = False
     compile: bool = False
+    parallel: str = 'ddp'
+    med_grad_ckpt: bool = False
 
     # Mapping-style access: the data factories read configs as the original's dicts.
     def __contains__(self, key: str) -> bool:

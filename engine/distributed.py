@@ -15,6 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# the models' collectives (models must not import the engine); re-exported for the engine's callers
+from models.collectives import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size, is_initialized
+
 __all__ = ['init_distributed_mode', 'is_dist_avail_and_initialized', 'get_rank', 'get_world_size',
            'is_main_process', 'barrier', 'all_gather_no_grad', 'all_gather_with_grad', 'all_reduce_sum',
            'seed_everything', 'DistEnv', 'read_dist_env']
@@ -98,15 +101,7 @@ def init_distributed_mode(args) -> None:
 
 
 def is_dist_avail_and_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+    return is_initialized()
 
 
 def is_main_process() -> bool:
@@ -117,39 +112,6 @@ def barrier() -> None:
     """``dist.barrier()`` when there is a group (the original called it unconditionally and crashed)."""
     if is_dist_avail_and_initialized():
         dist.barrier()
-
-
-@torch.no_grad()
-def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` from every rank on dim 0, without gradient (the original ``concat_all_gather``)."""
-    if get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-class _GatherLayer(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        stacked = torch.stack(grads)
-        dist.all_reduce(stacked)
-        return stacked[dist.get_rank()]
-
-
-def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` from every rank on dim 0, keeping the gradient path to this rank's part."""
-    if get_world_size() == 1:
-        return t
-    return torch.cat(_GatherLayer.apply(t), dim=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device | str = 'cpu') -> list[float]:

@@ -2,7 +2,7 @@
 
 A script is ``Run.start(argv, ConfigClass)`` -> datasets/loaders -> ``run.setup_model(model)`` ->
 ``for epoch in run.epochs(): run.train_epoch(...); evaluate; run.save/log; run.end_epoch(epoch)``.
-Distributed set-up, seeding, the resolved config, AMP, DDP, the optimizer, resume and atomic
+Distributed set-up, seeding, the resolved config, AMP, DDP / FSDP (``engine.parallel``), the optimizer, resume and atomic
 checkpoints live here and in the modules it calls, never in the scripts.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data import create_dataset, create_loader, create_sampler
 from engine import distributed as du
+from engine import parallel
 from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
 from engine.config import CommonConfig, ConfigError, add_common_args, key_source, load_config, save_config
 from engine.logging import JsonLogger
@@ -150,6 +151,7 @@ class Run:
         self.start_epoch, self.start_step = 0, 0
         self.progress: dict = {}  # best score / epoch: saved in every checkpoint, restored by --resume
         self._samplers: dict[int, object] = {}
+        self._pending_saves: list[tuple[str, int]] = []  # FSDP: save() requests written at end_epoch / finish
 
     @classmethod
     def start(cls, argv: Optional[Sequence[str]], schema: type, description: str = '') -> 'Run':
@@ -208,11 +210,15 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ model
     def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
-        """Move to the device, build the optimizer, resume if asked, wrap in DDP."""
+        """Move to the device, wrap for the ``parallel`` mode (DDP or FSDP, ``engine.parallel``), build the
+        optimizer over the wrapped model's parameters, resume if asked."""
         model = model.to(self.device)
         if self.device.type == 'cuda':
             model = model.to(memory_format=torch.channels_last)
-        self.model_without_ddp = model
+        mode = self.config.get('parallel', 'ddp')
+        if mode not in parallel.PARALLEL_MODES:
+            raise ConfigError(f"{key_source('parallel', self.args.config, self.args.options)}: parallel must be one "
+                              f"of {', '.join(parallel.PARALLEL_MODES)}, got {mode!r}")
         graphed = self.config.get('cuda_graph', False)
         if graphed:
             problems = ([f'{du.get_world_size()} processes'] if du.get_world_size() > 1 else []) + \
@@ -224,7 +230,16 @@ class Run:
                                  f'accumulation, clipping or loss scaling; this run has {", ".join(problems)}')
             if self.device.type != 'cuda' and self.is_main:
                 print('cuda_graph: no CUDA device, the step runs eagerly on the static buffers a graph would use')
-        self.optimizer = create_optimizer(model, self.config, capturable=graphed)
+        if mode == 'fsdp' and self.distributed and (self.config.compile or self.precision == 'fp16'):
+            raise ConfigError(f"{self.args.config}: parallel fsdp runs without compile and without amp fp16 (its "
+                              f"grad scaler does not see sharded gradients); use amp bf16 / none, compile false")
+        self.model_without_ddp = model  # fully_shard works in place: the sharded model is this module too
+        self.model = parallel.wrap(model, mode, self.device, self.precision, find_unused_parameters,
+                                    checkpoint_med=self.config.get('med_grad_ckpt', False))
+        if mode == 'fsdp' and not parallel.is_sharded(model):
+            print('parallel fsdp: one process, nothing to shard (the model trains whole)')
+        # after wrapping: FSDP replaces the parameters by their shards, which the optimizer must hold
+        self.optimizer = create_optimizer(self.model, self.config, capturable=graphed)
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._maybe_resume()
@@ -232,12 +247,14 @@ class Run:
             n = compile_layers(model)
             if self.is_main:
                 print(f'compile: {n} ViT blocks / MED layers compiled with torch.compile (first steps compile)')
-        if self.distributed:
-            device_ids = [self.device.index] if self.device.type == 'cuda' else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                              find_unused_parameters=find_unused_parameters)
-        self.model = model
-        return model
+        return self.model
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The module evaluation calls (``generate``, retrieval scoring...), each rank on its own batches: the
+        unwrapped model; under FSDP with its weights gathered until the next ``train_epoch`` (a collective the
+        first time after training: every rank reads it, as the scripts' evaluation functions do)."""
+        return parallel.eval_model(self.model)
 
     def _maybe_resume(self) -> None:
         resume = getattr(self.args, 'resume', None)
@@ -271,6 +288,7 @@ class Run:
             loader.generator.manual_seed(self.args.seed * 100_003 + epoch * 1009 + du.get_rank())
         steps = len(loader)
         start_step = self.start_step if epoch == self.start_epoch else 0
+        parallel.train_mode(self.model)  # an evaluation's gathered FSDP weights go back to shards
         self.model.train()
 
         def wrapped_step(model, batch, step):
@@ -302,20 +320,50 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ outputs
     def save(self, name: str, epoch: int) -> None:
-        """Atomic checkpoint in the original layout (model selection: best / per-epoch files). Rank 0 only,
-        no collective, so it may be called inside ``if run.is_main``; resuming from it starts epoch + 1."""
+        """Atomic checkpoint in the original layout (model selection: best / per-epoch files); resuming from it
+        starts epoch + 1. No collective under DDP (rank 0 writes), so it may be called inside ``if run.is_main``.
+        Under FSDP the weights are gathered from every rank, which a rank-0-only call cannot do: the file is
+        written at the next ``end_epoch`` (or ``finish``), where every rank is, with the weights as they are now."""
+        if parallel.is_sharded(self.model_without_ddp):
+            if self.is_main:
+                self._pending_saves.append((name, epoch))
+            return
         if self.is_main:
             save_checkpoint(self.output_dir / name, self.model_without_ddp, self.optimizer, self.config.to_dict(),
                             epoch, epoch + 1, 0, scaler=self.scaler, progress=self.progress)
+
+    def _gathered_states(self) -> dict:
+        """Under FSDP the whole model and optimizer states (collective; kept on rank 0), else {} (the writer
+        reads the model's own)."""
+        if not parallel.is_sharded(self.model_without_ddp):
+            return {}
+        return {'model_state': parallel.full_state_dict(self.model, keep=self.is_main),
+                'optimizer_state': parallel.full_optimizer_state(self.model, self.optimizer, keep=self.is_main)}
+
+    def _write_pending_saves(self) -> None:
+        """FSDP: the files ``save`` was asked for on rank 0 (collective)."""
+        if not parallel.is_sharded(self.model_without_ddp):
+            return
+        pending = [self._pending_saves]
+        dist.broadcast_object_list(pending, src=0)
+        self._pending_saves = []
+        if not pending[0]:
+            return
+        states = self._gathered_states()
+        if self.is_main:
+            for name, epoch in pending[0]:
+                save_checkpoint(self.output_dir / name, self.model_without_ddp, self.optimizer, self.config.to_dict(),
+                                epoch, epoch + 1, 0, scaler=self.scaler, progress=self.progress, **states)
 
     def save_resume_point(self, epoch: int, resume: tuple[int, int]) -> None:
         """``checkpoint_last.pth`` continuing at ``resume`` = (epoch, step). Collective: every rank's RNG
         state is gathered so a resumed multi-process run continues each rank's random stream."""
         rng = gather_objects([capture_rng_state()])
+        states = self._gathered_states()
         if self.is_main:
             save_checkpoint(self.output_dir / 'checkpoint_last.pth', self.model_without_ddp, self.optimizer,
                             self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng,
-                            progress=self.progress)
+                            progress=self.progress, **states)
         du.barrier()
 
     def improved(self, score: float, epoch: int) -> bool:
@@ -338,11 +386,13 @@ class Run:
 
     def end_epoch(self, epoch: int) -> None:
         """Mark the epoch finished for ``--resume`` (next start: epoch + 1, step 0)."""
+        self._write_pending_saves()
         if not self.args.evaluate:
             self.save_resume_point(epoch, (epoch + 1, 0))
         du.barrier()
 
     def finish(self) -> None:
+        self._write_pending_saves()
         du.barrier()
         if self.distributed:
             dist.destroy_process_group()

@@ -18,47 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    from engine.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
-except ImportError:  # pragma: no cover - fallbacks with the same semantics while engine/ is not there
-    import torch.distributed as _dist
+from models.collectives import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
-    def _initialized() -> bool:
-        return _dist.is_available() and _dist.is_initialized()
-
-    def get_world_size() -> int:
-        return _dist.get_world_size() if _initialized() else 1
-
-    def get_rank() -> int:
-        return _dist.get_rank() if _initialized() else 0
-
-    @torch.no_grad()
-    def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
-        if get_world_size() == 1:
-            return t
-        out = [torch.empty_like(t) for _ in range(get_world_size())]
-        _dist.all_gather(out, t.contiguous())
-        return torch.cat(out, 0)
-
-    class _GatherLayer(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            out = [torch.empty_like(t) for _ in range(_dist.get_world_size())]
-            _dist.all_gather(out, t.contiguous())
-            return tuple(out)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            all_grads = torch.stack(grads)
-            _dist.all_reduce(all_grads)
-            return all_grads[_dist.get_rank()]
-
-    def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-        if get_world_size() == 1:
-            return t
-        return torch.cat(_GatherLayer.apply(t), 0)
-
-__all__ = ['ModulePairs', 'copy_params', 'momentum_update', 'FeatureQueue', 'all_gather_no_grad',
+__all__ = ['ModulePairs', 'PinnedPairs', 'copy_params', 'momentum_update', 'FeatureQueue', 'all_gather_no_grad',
            'all_gather_with_grad', 'get_rank', 'get_world_size']
 
 ModulePairs = Sequence[tuple[nn.Module, nn.Module]]  # (online, momentum)
@@ -85,15 +47,21 @@ def copy_params(pairs: ModulePairs) -> None:
         p_m.requires_grad_(False)
 
 
-@torch.no_grad()
-def momentum_update(pairs: ModulePairs, m: float) -> None:
-    """``p_m = m * p_m + (1 - m) * p`` for every pair, as one foreach multiply and one foreach add.
+class PinnedPairs(list):
+    """Module pairs whose parameters were listed once, at rest: the lists ``momentum_update`` then uses.
 
-    Runs every training step on a host-bound GPU step, so the twins are paired by position: their names
-    were checked when ``copy_params`` made them twins, and collecting ~400 names per step cost ~2 ms of
-    host time at base size (half of it here, ``detach`` views included). A twin that gained or lost a
-    parameter since is still an error.
+    Under sharding (FSDP2, ``engine.parallel``), a module's registered parameters are swapped for gathered
+    (possibly bf16) copies while a forward runs, so listing ``module.parameters()`` inside the model's forward
+    would update copies that are thrown away. The sharded parameters listed at rest are the ones the optimizer
+    steps; the update is elementwise, so each rank updates its own shards (``to_local``), with no collective.
     """
+
+    def __init__(self, pairs: ModulePairs):
+        super().__init__(pairs)
+        self.online, self.momentum = _paired_parameters(self)
+
+
+def _paired_parameters(pairs: ModulePairs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     online, momentum = [], []
     for model, model_m in pairs:
         params, params_m = list(model.parameters()), list(model_m.parameters())
@@ -102,6 +70,27 @@ def momentum_update(pairs: ModulePairs, m: float) -> None:
                              f'the online module {len(params)}')
         online += params
         momentum += params_m
+    return online, momentum
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, 'to_local') else t
+
+
+@torch.no_grad()
+def momentum_update(pairs: ModulePairs, m: float) -> None:
+    """``p_m = m * p_m + (1 - m) * p`` for every pair, as one foreach multiply and one foreach add.
+
+    Runs every training step on a host-bound GPU step, so the twins are paired by position: their names
+    were checked when ``copy_params`` made them twins, and collecting ~400 names per step cost ~2 ms of
+    host time at base size (half of it here, ``detach`` views included). A twin that gained or lost a
+    parameter since is still an error. ``PinnedPairs`` bring their parameter lists (sharded training).
+    """
+    if isinstance(pairs, PinnedPairs):
+        online, momentum = [_local(p) for p in pairs.online], [_local(p) for p in pairs.momentum]
+    else:
+        online, momentum = _paired_parameters(pairs)
     torch._foreach_mul_(momentum, m)
     torch._foreach_add_(momentum, online, alpha=1 - m)
 
