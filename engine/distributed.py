@@ -6,6 +6,7 @@ then degrades to the identity, so no caller needs an ``if distributed`` branch.
 from __future__ import annotations
 
 import builtins
+import itertools
 import os
 import random
 import subprocess
@@ -117,6 +118,15 @@ def barrier() -> None:
     """``dist.barrier()`` when there is a group (the original called it unconditionally and crashed)."""
     if is_dist_avail_and_initialized():
         dist.barrier()
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes rank ``src``'s parameters and buffers (what DDP does when it wraps a model)."""
+    if not is_dist_avail_and_initialized():
+        return
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        dist.broadcast(t.data, src)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data import create_dataset, create_loader, create_sampler
 from engine import distributed as du
+from engine.distributed import broadcast_module
 from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
 from engine.config import CommonConfig, ConfigError, add_common_args, key_source, load_config, save_config
 from engine.logging import JsonLogger
@@ -215,15 +216,14 @@ class Run:
         self.model_without_ddp = model
         graphed = self.config.get('cuda_graph', False)
         if graphed:
-            problems = ([f'{du.get_world_size()} processes'] if du.get_world_size() > 1 else []) + \
-                ([f'accum_steps {self.config.accum_steps}'] if self.config.accum_steps != 1 else []) + \
-                ([f'clip_grad {self.config.clip_grad}'] if self.config.clip_grad > 0 else []) + \
-                (['amp fp16 (its grad scaler)'] if self.precision == 'fp16' else [])
-            if problems:
-                raise ValueError(f'{self.args.config}: cuda_graph replays one whole step in one process without '
-                                 f'accumulation, clipping or loss scaling; this run has {", ".join(problems)}')
+            if self.precision == 'fp16':
+                raise ConfigError(f'{self.args.config}: cuda_graph replays the update without a loss scaler: use '
+                                  f'amp bf16 or none, not fp16')
             if self.device.type != 'cuda' and self.is_main:
                 print('cuda_graph: no CUDA device, the step runs eagerly on the static buffers a graph would use')
+            elif self.is_main:
+                print(f'cuda_graph: forward+backward and the update each replayed as a CUDA graph after 3 eager steps'
+                      f'{"; gradients averaged over ranks between them" if self.distributed else ""}')
         self.optimizer = create_optimizer(model, self.config, capturable=graphed)
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(self.device.type)
@@ -232,7 +232,11 @@ class Run:
             n = compile_layers(model)
             if self.is_main:
                 print(f'compile: {n} ViT blocks / MED layers compiled with torch.compile (first steps compile)')
-        if self.distributed:
+        if self.distributed and graphed:
+            # the graphed step averages the gradients itself (engine.cuda_graph.TrainStep): no DDP wrapper, whose
+            # hooks would fire inside a recorded backward; it starts every rank from rank 0's weights as DDP does
+            broadcast_module(model)
+        elif self.distributed:
             device_ids = [self.device.index] if self.device.type == 'cuda' else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                               find_unused_parameters=find_unused_parameters)
