@@ -10,6 +10,7 @@
 #  2. the GPU tests of tests/test_cuda_graph.py
 #  3. pretrain.py at $SIZE with dropout on, one epoch of the toy pairs: the cuda_graph run's epoch-mean losses
 #     within the seed-to-seed range of eager runs (widened by 1%)
+#  4. pretrain.py with cuda_graph, accum_steps and clip_grad under a 1-process torchrun (the multi-process path)
 set -u
 OUT=${OUT:-/tmp/gpu_check}; DEV=${DEV:-cuda}; SIZE=${SIZE:-base}; PY=${PY:-python3}; BUDGET=${BUDGET:-420}
 RUNS=${RUNS:-$OUT/runs}  # pretrain.py output folders (base-size checkpoints: put them outside $OUT on a device)
@@ -88,6 +89,18 @@ with open(results, 'a') as f:
     f.writelines(json.dumps({'workload': 'gpu_check', **r}) + '\n' for r in rows)
 sys.exit(0 if rows and all(r['pass'] for r in rows) else 1)
 EOF
+
+# 4. the graphed step under torchrun (NCCL on a GPU, world size 1): the path that averages the flat gradient buffer
+#    between the two recorded parts, with accumulation and clipping; toy size, one epoch; PASS = finite losses
+rm -rf "$RUNS/torchrun_graph"
+step torchrun_graph 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py \
+  --config configs/toy/pretrain.yaml --output_dir "$RUNS/torchrun_graph" --options max_epoch=1 cuda_graph=true \
+  accum_steps=2 clip_grad=1.0 train_file=[output/toy_data/annotation/pretrain_noisy.json]
+step torchrun_graph_losses 20 $PY -c "
+import json, math, sys
+m = json.loads(open('$RUNS/torchrun_graph/log.txt').read().splitlines()[-1])
+ok = all(math.isfinite(m[k]) for k in ('train_loss_ita', 'train_loss_itm', 'train_loss_lm'))
+print(('PASS' if ok else 'FAIL'), 'torchrun_graphed_pretraining_world_size_1', json.dumps(m)); sys.exit(0 if ok else 1)"
 
 if [ -n "${QUICK:-}" ] && [ $((BUDGET - SECONDS)) -gt 60 ]; then
   OUT="$OUT/bench" QUICK=1 BUDGET=$((BUDGET - SECONDS)) DEV=$DEV SIZE=$SIZE PY=$PY bash benchmarks/run_gpu.sh
