@@ -44,7 +44,7 @@ class PretrainConfig(CommonConfig):
     init_text: str = ''   # e.g. 'bert-base-uncased' or a local BERT folder
     # not in the original: record the step (forward + backward, then clipping + AdamW) as CUDA graphs and replay
     # them per batch (engine.cuda_graph.TrainStep); accum_steps, clip_grad and several processes work, fp16 does not
-    cuda_graph: bool = False
+    cuda_graph: Optional[bool] = None  # empty: on with one GPU (engine.runner.Run.setup_model says why not)
 
 
 def lr_function(config: PretrainConfig, epoch: int):
@@ -116,10 +116,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     (train_loader,) = run.loaders([train_set], [True], [config.batch_size], [TokenizingCollate(model.tokenizer)])
     if config.init_vit or config.init_text:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
-    run.setup_model(model)
+    run.setup_model(model, graphed_step=True)
     stats = {}
     step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, sync_grads=run.distributed)
-            if config.cuda_graph else make_step(config))
+            if run.cuda_graph else make_step(config))
     for epoch in run.epochs():
         if config.laion_path and hasattr(train_set, 'reload_laion'):
             train_set.reload_laion(epoch)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from data.utils import ensure_annotation
+from engine.cuda_graph import decoding_note
 from engine.evaluation import coco_caption_eval, save_result
 from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
 from models.blip import blip_decoder
@@ -33,7 +34,8 @@ class CaptionConfig(CommonConfig):
     min_length: int = 5
     num_beams: int = 3
     prompt: str = 'a picture of '
-    cuda_graph: bool = False  # not an original key: replay each decode step as one CUDA graph (same captions)
+    # not an original key: replay each decode step as one CUDA graph (same captions); empty = on with a GPU
+    cuda_graph: Optional[bool] = None
     weight_decay: float = 0.05
     min_lr: float = 0.0
     max_epoch: int = 5
@@ -78,6 +80,8 @@ def caption_gt_file(config: CaptionConfig, split: str) -> str:
 def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, CaptionConfig, description=__doc__)
     config = run.config
+    if run.is_main:
+        print(decoding_note(config.cuda_graph, run.device))
     train_set, val_set, test_set = run.datasets('caption_coco')  # first: writes the toy dataset on first use
     if run.is_main:  # fetched before training, so that a missing file cannot end a run after its first epoch
         for split in ('val', 'test'):

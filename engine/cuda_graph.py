@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ['GraphedStep', 'TrainStep', 'guarded_update', 'training_step']
+__all__ = ['GraphedStep', 'TrainStep', 'accumulation_window', 'decoding_note', 'guarded_update', 'training_step']
 
 
 def guarded_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None
@@ -145,6 +145,14 @@ class GraphedStep:
         with torch.cuda.graph(graph, capture_error_mode='thread_local'):
             self.outputs = self.step(**self.static)
         self.graph = graph
+
+
+def decoding_note(value: Optional[bool], device: torch.device) -> str:
+    """The log line saying whether caption decoding replays CUDA graphs (the ``cuda_graph`` key; empty = auto)."""
+    on = device.type == 'cuda' if value is None else value
+    why = ('set in the config' if value is not None else
+           'auto: a CUDA device' if on else 'auto: no CUDA device')
+    return f'cuda_graph: caption decoding {"replays one CUDA graph per step" if on else "runs eagerly"} ({why})'
 
 
 def accumulation_window(step: int, steps: int, accum_steps: int) -> tuple[bool, int]:

@@ -149,6 +149,7 @@ class Run:
         self.logger = JsonLogger(self.output_dir) if self.is_main else None
         self.model = self.model_without_ddp = self.optimizer = self.scaler = None
         self.start_epoch, self.start_step = 0, 0
+        self.cuda_graph = False  # the training step as CUDA graphs (setup_model decides)
         self.progress: dict = {}  # best score / epoch: saved in every checkpoint, restored by --resume
         self._samplers: dict[int, object] = {}
 
@@ -208,13 +209,18 @@ class Run:
         return loaders
 
     # ------------------------------------------------------------------------------------------ model
-    def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
-        """Move to the device, build the optimizer, resume if asked, wrap in DDP."""
+    def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False,
+                    graphed_step: bool = False) -> torch.nn.Module:
+        """Move to the device, build the optimizer, resume if asked, wrap in DDP.
+
+        ``graphed_step``: the script can replay its training step as CUDA graphs (``engine.cuda_graph.TrainStep``);
+        the ``cuda_graph`` key then decides (empty = on where the conditions hold), and ``self.cuda_graph`` tells
+        the script. Other scripts' ``cuda_graph`` key concerns decoding only."""
         model = model.to(self.device)
         if self.device.type == 'cuda':
             model = model.to(memory_format=torch.channels_last)
         self.model_without_ddp = model
-        graphed = self.config.get('cuda_graph', False)
+        graphed = self.cuda_graph = self._resolve_graphed_step() if graphed_step else False
         if graphed:
             if self.precision == 'fp16':
                 raise ConfigError(f'{self.args.config}: cuda_graph replays the update without a loss scaler: use '
@@ -242,6 +248,20 @@ class Run:
                                                               find_unused_parameters=find_unused_parameters)
         self.model = model
         return model
+
+    def _resolve_graphed_step(self) -> bool:
+        """The ``cuda_graph`` key for the training step: as set, or (empty) on unless something rules it out."""
+        value = self.config.get('cuda_graph', None)
+        if value is not None:
+            return value
+        blockers = (([] if self.device.type == 'cuda' else ['no CUDA device']) +
+                    (['amp fp16 (its loss scaler is not replayed)'] if self.precision == 'fp16' else []) +
+                    ([f'{du.get_world_size()} processes (the multi-process graph path is not yet validated on GPUs; '
+                      f'cuda_graph: true enables it)'] if self.distributed else []))
+        if self.is_main:
+            print(f'cuda_graph (empty = auto): the training step runs '
+                  f'{"as CUDA graphs" if not blockers else "eagerly: " + "; ".join(blockers)}')
+        return not blockers
 
     def _maybe_resume(self) -> None:
         resume = getattr(self.args, 'resume', None)
@@ -302,7 +322,7 @@ class Run:
                                clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                device=self.device, start_step=start_step, log_every=self.config.log_every,
                                save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                               step_updates=self.config.get('cuda_graph', False), start_totals=start_totals)
+                               step_updates=self.cuda_graph, start_totals=start_totals)
 
     # ------------------------------------------------------------------------------------------ outputs
     def save(self, name: str, epoch: int) -> None:

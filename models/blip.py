@@ -132,15 +132,18 @@ class BLIP_Decoder(nn.Module):
     def generate(self, image: torch.Tensor, sample: bool = False, num_beams: int = 3, max_length: int = 30,
                  min_length: int = 10, top_p: float = 0.9, repetition_penalty: float = 1.0,
                  num_return_sequences: int = 1, top_k: int = 50, prompt: Optional[str] = None,
-                 cuda_graph: bool = False) -> list[str]:
+                 cuda_graph: Optional[bool] = None) -> list[str]:
         """Caption a batch of images.
 
         Beam search by default; ``sample=True`` is nucleus sampling with top-k 50 and, as in the
         original, a fixed repetition penalty of 1.1. ``max_length``/``min_length`` count the prompt
-        tokens. ``cuda_graph=True`` replays each decode step as one CUDA graph on a GPU (same captions;
-        304 vs 119-166 img/s at batch 32 in bf16 on an H100, BENCHMARKS.md). Returns
+        tokens. ``cuda_graph`` replays each decode step as one CUDA graph on a GPU (same captions;
+        304 vs 119-166 img/s at batch 32 in bf16 on an H100, BENCHMARKS.md); None (default): on for CUDA
+        images, False: eager. Returns
         ``B * num_return_sequences`` strings, grouped per image.
         """
+        if cuda_graph is None:
+            cuda_graph = image.is_cuda
         image_embeds = self.visual_encoder(image)
         prompt = prompt if prompt is not None else self.prompt
         ids = generation.generate(
