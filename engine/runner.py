@@ -256,6 +256,8 @@ class Run:
             return value
         blockers = (([] if self.device.type == 'cuda' else ['no CUDA device']) +
                     (['amp fp16 (its loss scaler is not replayed)'] if self.precision == 'fp16' else []) +
+                    (['vit_grad_ckpt (recomputation under capture not yet validated on GPUs)']
+                     if self.config.get('vit_grad_ckpt', False) else []) +
                     ([f'{du.get_world_size()} processes (the multi-process graph path is not yet validated on GPUs; '
                       f'cuda_graph: true enables it)'] if self.distributed else []))
         if self.is_main:

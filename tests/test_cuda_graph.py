@@ -318,20 +318,22 @@ def test_every_sdpa_kernel_draws_a_fresh_dropout_mask_per_replay():
 # ------------------------------------------------------------------------------------ cuda_graph: empty = auto
 
 def test_empty_cuda_graph_turns_the_graphed_training_step_on_where_it_is_known_to_work(capsys):
-    """One CUDA process with bf16 or fp32: on. No GPU, fp16 (no replayed loss scaler) or several processes (not
-    yet validated on GPUs): off, saying why. A value set in the config is taken as it is."""
+    """One CUDA process with bf16 or fp32: on. No GPU, fp16 (no replayed loss scaler), activation checkpointing
+    or several processes (not yet validated on GPUs): off, saying why. A value set in the config is taken as it
+    is."""
     from types import SimpleNamespace
 
     from engine.runner import Run
 
-    def resolve(value, device='cuda', precision='bf16', distributed=False):
-        run = SimpleNamespace(config={'cuda_graph': value}, device=torch.device(device), precision=precision,
-                              distributed=distributed, is_main=True)
+    def resolve(value, device='cuda', precision='bf16', distributed=False, ckpt=False):
+        run = SimpleNamespace(config={'cuda_graph': value, 'vit_grad_ckpt': ckpt}, device=torch.device(device),
+                              precision=precision, distributed=distributed, is_main=True)
         return Run._resolve_graphed_step(run)
     assert resolve(None) and resolve(None, precision='none')
     assert not resolve(None, device='cpu') and 'no CUDA device' in capsys.readouterr().out
     assert not resolve(None, precision='fp16') and 'fp16' in capsys.readouterr().out
     assert not resolve(None, distributed=True) and 'cuda_graph: true enables it' in capsys.readouterr().out
+    assert not resolve(None, ckpt=True) and 'vit_grad_ckpt' in capsys.readouterr().out
     assert resolve(True, device='cpu') and not resolve(False)
 
 
