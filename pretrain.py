@@ -85,24 +85,20 @@ def make_graphed_step(config: PretrainConfig, model, optimizer, sync_grads: bool
 
     The tokenised captions (from the loader's workers), the image and alpha are copied into the graph's static
     buffers; the loop's autocast is active while the step runs (and is recorded)."""
-    from engine.cuda_graph import TrainStep, accumulation_window
+    from engine.cuda_graph import graphed_step_fn
 
     def losses(image, input_ids, attention_mask, alpha):
         return dict(zip(('loss_ita', 'loss_itm', 'loss_lm'), model.losses(image, input_ids, attention_mask, alpha)))
 
-    graphed = TrainStep(losses, optimizer, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
-                        sync_grads=sync_grads)
-
-    def pretrain_step(_, batch, ctx) -> dict:
+    def inputs_of(batch, ctx) -> dict:
         text = batch_text(batch)
         if not isinstance(text, TextBatch):
             text = model.tokenize(text)
-        update, window = accumulation_window(ctx.step, ctx.steps_per_epoch, config.accum_steps)
-        return graphed(update, window, image=batch[0].to(ctx.device, non_blocking=True),
-                       input_ids=text.input_ids.to(ctx.device, non_blocking=True),
-                       attention_mask=text.attention_mask.to(ctx.device, non_blocking=True),
-                       alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
-    return pretrain_step
+        return dict(image=batch[0].to(ctx.device, non_blocking=True),
+                    input_ids=text.input_ids.to(ctx.device, non_blocking=True),
+                    attention_mask=text.attention_mask.to(ctx.device, non_blocking=True),
+                    alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
+    return graphed_step_fn(losses, optimizer, config, sync_grads, inputs_of)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

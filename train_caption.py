@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from data.utils import ensure_annotation
-from engine.cuda_graph import decoding_note
+from engine.cuda_graph import decoding_note, graphed_step_fn
 from engine.evaluation import coco_caption_eval, save_result
 from engine.runner import CommonConfig, Run, cosine_epoch_lr, progress
 from models.blip import blip_decoder
@@ -44,6 +44,17 @@ class CaptionConfig(CommonConfig):
 def caption_step(model, batch, ctx) -> dict:
     image, caption, _ = batch
     return {'loss': model(image.to(ctx.device, non_blocking=True), caption)}
+
+
+def make_graphed_step(config: CaptionConfig, model, optimizer, sync_grads: bool = False):
+    """``cuda_graph: true``: ``caption_step`` with its backward, clipping and update replayed as CUDA graphs
+    (``engine.cuda_graph.TrainStep``); captions padded to the decoder's 40 tokens (fixed shapes, same loss)."""
+    def inputs_of(batch, ctx) -> dict:
+        image, caption, _ = batch
+        text = model.tokenize(caption, ctx.device, static=True)
+        return dict(image=image.to(ctx.device, non_blocking=True), input_ids=text.input_ids,
+                    attention_mask=text.attention_mask)
+    return graphed_step_fn(lambda **inputs: {'loss': model.losses(**inputs)}, optimizer, config, sync_grads, inputs_of)
 
 
 @torch.no_grad()
@@ -91,11 +102,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = blip_decoder(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
                          vit_grad_ckpt=config.vit_grad_ckpt, vit_ckpt_layer=config.vit_ckpt_layer,
                          prompt=config.prompt, med_config=config.med_config)
-    run.setup_model(model)
+    # the captured training step is opt-in (cuda_graph: true): not yet run on a GPU
+    run.setup_model(model, graphed_step=True, graph_auto=False)
+    step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, sync_grads=run.distributed)
+            if run.cuda_graph else caption_step)
     stats = {}
     for epoch in run.epochs():  # one pass with --evaluate
         train_stats = {} if run.args.evaluate else run.train_epoch(
-            epoch, train_loader, caption_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
+            epoch, train_loader, step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
         val = evaluate_split(run, run.model_without_ddp, val_loader, 'val', f'epoch{epoch}')
         test = evaluate_split(run, run.model_without_ddp, test_loader, 'test', f'epoch{epoch}')
         if run.is_main and run.args.evaluate:

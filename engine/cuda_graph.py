@@ -26,7 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ['GraphedStep', 'TrainStep', 'accumulation_window', 'decoding_note', 'guarded_update', 'training_step']
+__all__ = ['GraphedStep', 'TrainStep', 'accumulation_window', 'decoding_note', 'graphed_step_fn', 'guarded_update',
+           'training_step']
 
 
 def guarded_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None
@@ -145,6 +146,22 @@ class GraphedStep:
         with torch.cuda.graph(graph, capture_error_mode='thread_local'):
             self.outputs = self.step(**self.static)
         self.graph = graph
+
+
+def graphed_step_fn(losses: Callable[..., dict], optimizer: torch.optim.Optimizer, config, sync_grads: bool,
+                    inputs_of: Callable) -> Callable:
+    """A ``Run.train_epoch`` step function replaying ``losses`` as a ``TrainStep`` (the ``cuda_graph`` key).
+
+    ``inputs_of(batch, ctx) -> {name: tensor on the device}`` turns a loader batch into the fixed-shape inputs of
+    ``losses``; the config's ``accum_steps`` and ``clip_grad`` are applied inside the step."""
+    step = TrainStep(losses, optimizer, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
+                     sync_grads=sync_grads)
+
+    def step_fn(_, batch, ctx) -> dict:
+        update, window = accumulation_window(ctx.step, ctx.steps_per_epoch, config.accum_steps)
+        return step(update, window, **inputs_of(batch, ctx))
+    step_fn.train_step = step
+    return step_fn
 
 
 def decoding_note(value: Optional[bool], device: torch.device) -> str:

@@ -111,14 +111,23 @@ class BLIP_Decoder(nn.Module):
 
     def forward(self, image: torch.Tensor, caption: Sequence[str]) -> torch.Tensor:
         """LM loss (mean, label smoothing 0.1) of ``caption`` (already prefixed with the prompt)."""
+        text = self.tokenize(caption, image.device)
+        return self.losses(image, text.input_ids, text.attention_mask)
+
+    def tokenize(self, caption: Sequence[str], device=None, static: bool = False):
+        """The captions as the decoder reads them (at most 40 tokens); ``static``: padded to 40, the fixed shape a
+        replayed CUDA graph needs (the same loss: padding is masked)."""
+        return self.tokenizer(list(caption), padding='max_length' if static else 'longest', truncation=True,
+                              max_length=40, return_tensors='pt').to(device)
+
+    def losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` on tokenised captions (``tokenize``); no host read, so it can be recorded as a CUDA graph."""
         image_embeds = self.visual_encoder(image)
-        text = self.tokenizer(list(caption), padding='longest', truncation=True, max_length=40,
-                              return_tensors='pt').to(image.device)
-        ids = text.input_ids.clone()
+        ids = input_ids.clone()
         ids[:, 0] = self.tokenizer.bos_token_id
         targets = ids.masked_fill(ids == self.tokenizer.pad_token_id, -100)
         targets[:, :self.prompt_length] = -100  # no loss on the prompt
-        out = self.text_decoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+        out = self.text_decoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                 labels=targets, return_dict=True, loss_only=True)
         return out.loss
 

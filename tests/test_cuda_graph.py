@@ -342,3 +342,16 @@ def test_caption_decoding_graphs_are_on_with_a_gpu_unless_set():
     assert 'replays one CUDA graph per step (auto: a CUDA device)' in decoding_note(None, torch.device('cuda'))
     assert 'runs eagerly (auto: no CUDA device)' in decoding_note(None, torch.device('cpu'))
     assert 'runs eagerly (set in the config)' in decoding_note(False, torch.device('cuda'))
+
+
+def test_caption_losses_on_fixed_length_tokens_equal_forward():
+    """The captioner's graph inputs (captions padded to 40 tokens) give forward's loss (padded to the longest)."""
+    from models.blip import BLIP_Decoder
+    from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+    torch.manual_seed(0)
+    model = BLIP_Decoder(med_config=TINY_MED, image_size=TINY_IMAGE, vit=TINY_VIT).eval()
+    image = torch.randn(3, 3, TINY_IMAGE, TINY_IMAGE)
+    caps = ['a picture of a dog', 'a picture of two red cups on a table', 'a picture of grass']
+    text = model.tokenize(caps, static=True)
+    assert text.input_ids.shape == (3, 40)
+    torch.testing.assert_close(model.losses(image, text.input_ids, text.attention_mask), model(image, caps))
