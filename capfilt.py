@@ -47,6 +47,7 @@ from data.loading import join_root
 from data.pretrain_dataset import load_annotation_index
 from data.utils import pre_caption
 from engine.config import CommonConfig, ConfigError, add_common_args, load_config, save_config
+from engine.cuda_graph import decoding_note
 from engine.distributed import read_dist_env
 from engine.loop import AMP_DTYPES
 from engine.runner import resolve_device
@@ -81,7 +82,8 @@ class CapFiltConfig(CommonConfig):
     max_length: int = 30
     min_length: int = 5
     prompt: str = 'a picture of '
-    cuda_graph: bool = False         # replay each decode step as one CUDA graph (GPU; bf16 may differ in last bits)
+    cuda_graph: Optional[bool] = None  # replay each decode step as one CUDA graph (empty: on with a GPU; bf16 may
+                                       # differ in last bits)
     threshold: float = 0.5           # keep a caption when its score >= threshold
     score: str = 'itm'               # 'itm' (softmax match probability) or 'itc' (cosine similarity)
     itm_first_token: str = 'enc'     # the token ITM was trained with; 'cls' = the original BLIP_ITM demo
@@ -564,6 +566,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     output_dir = Path(args.output_dir)
     if rank == 0:
         save_config(config, output_dir)
+        print(decoding_note(config.cuda_graph, device))
 
     if config.toy_root:
         from data.toy import ensure_toy_dataset  # file-locked: concurrent ranks wait for the first

@@ -11,6 +11,7 @@ from typing import Optional
 
 from engine.captioning import generate_captions
 from engine.config import VisionConfig
+from engine.cuda_graph import decoding_note
 from engine.evaluation import save_result
 from engine.runner import Run
 from models.blip import blip_decoder
@@ -26,12 +27,15 @@ class NoCapsConfig(VisionConfig):
     min_length: int = 5
     num_beams: int = 3
     prompt: str = 'a picture of '
-    cuda_graph: bool = False  # not an original key: replay each decode step as one CUDA graph (same captions)
+    # not an original key: replay each decode step as one CUDA graph (same captions); empty = on with a GPU
+    cuda_graph: Optional[bool] = None
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, NoCapsConfig, description=__doc__)
     config = run.config
+    if run.is_main:
+        print(decoding_note(config.cuda_graph, run.device))
     val_set, test_set = run.datasets('nocaps')
     val_loader, test_loader = run.loaders([val_set, test_set], [False, False], [config.batch_size] * 2)
     model = blip_decoder(pretrained=config.pretrained, prompt=config.prompt, **config.model_kwargs())

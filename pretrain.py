@@ -40,9 +40,9 @@ class PretrainConfig(VisionConfig):
     med_config: str = 'configs/bert_config.json'
     init_vit: str = ''    # e.g. 'deit_base_patch16_224.fb_in1k' (the original's DeiT-B) or a file
     init_text: str = ''   # e.g. 'bert-base-uncased' or a local BERT folder
-    # not in the original: record the whole step (forward, backward, AdamW) once as a CUDA graph and replay it
-    # per batch (engine.cuda_graph); one process, no accum_steps / clip_grad / fp16
-    cuda_graph: bool = False
+    # not in the original: record the step (forward + backward, then clipping + AdamW) as CUDA graphs and replay
+    # them per batch (engine.cuda_graph.TrainStep); accum_steps, clip_grad and several processes work, fp16 does not
+    cuda_graph: Optional[bool] = None  # empty: on with one GPU (engine.runner.Run.setup_model says why not)
 
 
 def lr_function(config: PretrainConfig, epoch: int):
@@ -77,27 +77,26 @@ def make_step(config: PretrainConfig):
     return pretrain_step
 
 
-def make_graphed_step(config: PretrainConfig, model, optimizer):
-    """``cuda_graph: true``: the step of ``make_step`` plus its backward and AdamW update as one replayed graph.
+def make_graphed_step(config: PretrainConfig, model, optimizer, sync_grads: bool = False):
+    """``cuda_graph: true``: the step of ``make_step`` plus its backward, clipping and AdamW update as replayed
+    graphs (``engine.cuda_graph.TrainStep``; ``sync_grads``: averaged over the ranks between them).
 
     The tokenised captions (from the loader's workers), the image and alpha are copied into the graph's static
     buffers; the loop's autocast is active while the step runs (and is recorded)."""
-    from engine.cuda_graph import GraphedStep, training_step
+    from engine.cuda_graph import graphed_step_fn
 
     def losses(image, input_ids, attention_mask, alpha):
         return dict(zip(('loss_ita', 'loss_itm', 'loss_lm'), model.losses(image, input_ids, attention_mask, alpha)))
 
-    graphed = GraphedStep(training_step(losses, optimizer), optimizer)
-
-    def pretrain_step(_, batch, ctx) -> dict:
+    def inputs_of(batch, ctx) -> dict:
         text = batch_text(batch)
         if not isinstance(text, TextBatch):
             text = model.tokenize(text)
-        return graphed(image=batch[0].to(ctx.device, non_blocking=True),
-                       input_ids=text.input_ids.to(ctx.device, non_blocking=True),
-                       attention_mask=text.attention_mask.to(ctx.device, non_blocking=True),
-                       alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
-    return pretrain_step
+        return dict(image=batch[0].to(ctx.device, non_blocking=True),
+                    input_ids=text.input_ids.to(ctx.device, non_blocking=True),
+                    attention_mask=text.attention_mask.to(ctx.device, non_blocking=True),
+                    alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
+    return graphed_step_fn(losses, optimizer, config, sync_grads, inputs_of)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -109,9 +108,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     (train_loader,) = run.loaders([train_set], [True], [config.batch_size], [TokenizingCollate(model.tokenizer)])
     if config.init_vit or config.init_text:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
-    run.setup_model(model)
+    run.setup_model(model, graphed_step=True)
     stats = {}
-    step = make_graphed_step(config, run.model, run.optimizer) if config.cuda_graph else make_step(config)
+    step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, sync_grads=run.distributed)
+            if run.cuda_graph else make_step(config))
     for epoch in run.epochs():
         if config.laion_path and hasattr(train_set, 'reload_laion'):
             train_set.reload_laion(epoch)

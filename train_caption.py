@@ -12,6 +12,7 @@ from typing import Optional
 from data.utils import ensure_annotation
 from engine.captioning import generate_captions
 from engine.config import VisionConfig
+from engine.cuda_graph import decoding_note, graphed_step_fn
 from engine.evaluation import coco_caption_eval, save_result
 from engine.runner import Run, cosine_epoch_lr
 from models.blip import blip_decoder
@@ -29,7 +30,8 @@ class CaptionConfig(VisionConfig):
     min_length: int = 5
     num_beams: int = 3
     prompt: str = 'a picture of '
-    cuda_graph: bool = False  # not an original key: replay each decode step as one CUDA graph (same captions)
+    # not an original key: replay each decode step as one CUDA graph (same captions); empty = on with a GPU
+    cuda_graph: Optional[bool] = None
     weight_decay: float = 0.05
     min_lr: float = 0.0
     max_epoch: int = 5
@@ -38,6 +40,17 @@ class CaptionConfig(VisionConfig):
 def caption_step(model, batch, ctx) -> dict:
     image, caption, _ = batch
     return {'loss': model(image.to(ctx.device, non_blocking=True), caption)}
+
+
+def make_graphed_step(config: CaptionConfig, model, optimizer, sync_grads: bool = False):
+    """``cuda_graph: true``: ``caption_step`` with its backward, clipping and update replayed as CUDA graphs
+    (``engine.cuda_graph.TrainStep``); captions padded to the decoder's 40 tokens (fixed shapes, same loss)."""
+    def inputs_of(batch, ctx) -> dict:
+        image, caption, _ = batch
+        text = model.tokenize(caption, ctx.device, static=True)
+        return dict(image=image.to(ctx.device, non_blocking=True), input_ids=text.input_ids,
+                    attention_mask=text.attention_mask)
+    return graphed_step_fn(lambda **inputs: {'loss': model.losses(**inputs)}, optimizer, config, sync_grads, inputs_of)
 
 
 def evaluate_split(run: Run, model, loader, split: str, tag: str) -> dict:
@@ -60,6 +73,8 @@ def caption_gt_file(config: CaptionConfig, split: str) -> str:
 def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, CaptionConfig, description=__doc__)
     config = run.config
+    if run.is_main:
+        print(decoding_note(config.cuda_graph, run.device))
     train_set, val_set, test_set = run.datasets('caption_coco')  # first: writes the toy dataset on first use
     if run.is_main:  # fetched before training, so that a missing file cannot end a run after its first epoch
         for split in ('val', 'test'):
@@ -67,11 +82,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_loader, val_loader, test_loader = run.loaders([train_set, val_set, test_set], [True, False, False],
                                                         [config.batch_size] * 3)
     model = blip_decoder(pretrained=config.pretrained, prompt=config.prompt, **config.model_kwargs())
-    run.setup_model(model)
+    # the captured training step is opt-in (cuda_graph: true): not yet run on a GPU
+    run.setup_model(model, graphed_step=True, graph_auto=False)
+    step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, sync_grads=run.distributed)
+            if run.cuda_graph else caption_step)
     stats = {}
     for epoch in run.epochs():  # one pass with --evaluate
         train_stats = {} if run.args.evaluate else run.train_epoch(
-            epoch, train_loader, caption_step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
+            epoch, train_loader, step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
         val = evaluate_split(run, run.eval_model, val_loader, 'val', f'epoch{epoch}')
         test = evaluate_split(run, run.eval_model, test_loader, 'test', f'epoch{epoch}')
         if run.is_main and run.args.evaluate:

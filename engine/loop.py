@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from engine import distributed as du
+from engine.cuda_graph import accumulation_window
 from engine.optim import set_lr
 from engine.precision import AMP_DTYPES, autocast
 
@@ -91,17 +92,16 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     spans N updates whatever the accumulation. The last window of an epoch that ``accum_steps`` does not
     divide averages over the batches it has.
 
-    ``step_updates``: ``step_fn`` runs backward and the optimizer update itself (a whole step replayed as a
-    CUDA graph, ``engine.cuda_graph``, which skips the update on the device for a non-finite loss); the loop
-    sets the LR before it and checks and logs the losses it returns. No accumulation, clipping or scaler then.
+    ``step_updates``: ``step_fn`` runs backward and the optimizer update itself (a step replayed as CUDA graphs,
+    ``engine.cuda_graph.TrainStep``, which accumulates, clips and skips the update of a non-finite window on the
+    device); the loop sets the LR before it and checks and logs the losses it returns. No fp16 scaler then.
     """
     if precision not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
     if accum_steps < 1:
         raise ValueError(f'accum_steps must be >= 1, got {accum_steps}')
-    if step_updates and (accum_steps != 1 or clip_grad > 0 or scaler is not None):
-        raise ValueError(f'a step that updates the weights itself (cuda_graph) takes no accum_steps '
-                         f'({accum_steps}), clip_grad ({clip_grad}) or fp16 grad scaler ({scaler is not None})')
+    if step_updates and scaler is not None:
+        raise ValueError('a step that updates the weights itself (cuda_graph) takes no fp16 grad scaler')
     steps = len(loader)
     model.train()
     sums: dict[str, float] = defaultdict(float)
@@ -116,12 +116,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     t0 = time.time()
-    last_window = steps - steps % accum_steps  # first batch of a short last window (== steps if none)
     for step, batch in zip(range(start_step, steps), _batches_from(loader, start_step)):
         lr = lr_fn(step // accum_steps)
         set_lr(optimizer, lr)
-        update = (step + 1) % accum_steps == 0 or step + 1 == steps
-        window_size = accum_steps if step < last_window else steps - last_window
+        update, window_size = accumulation_window(step, steps, accum_steps)
         sync = model.no_sync() if is_ddp and not update else contextlib.nullcontext()
         with sync:
             with autocast(device, precision):

@@ -44,19 +44,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- wrapping
 
 def wrap(model: nn.Module, mode: str, device: torch.device, precision: str = 'none',
-         find_unused_parameters: bool = False, checkpoint_med: bool = False) -> nn.Module:
+         find_unused_parameters: bool = False, checkpoint_med: bool = False, own_grad_sync: bool = False) -> nn.Module:
     """The model to train under ``mode`` (``PARALLEL_MODES``); the model itself without a process group.
 
     ``precision`` (the run's ``amp``) sets FSDP's mixed precision: ``bf16`` / ``fp16`` gather parameters in
     that type and reduce gradients in fp32 (``MixedPrecisionPolicy``); the sharded master weights and the
     optimizer state stay fp32 as under DDP. ``checkpoint_med``: every MED layer recomputes its activations in
-    the backward pass (``checkpoint_med_layers``; the ViT's own is ``vit_grad_ckpt``).
+    the backward pass (``checkpoint_med_layers``; the ViT's own is ``vit_grad_ckpt``). ``own_grad_sync``
+    (``ddp``): the training step averages the gradients itself (``engine.cuda_graph.TrainStep``), so the model
+    stays unwrapped, every rank starting from rank 0's weights as DDP would.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f'parallel must be one of {PARALLEL_MODES}, got {mode!r}')
     if checkpoint_med:
         checkpoint_med_layers(model)
     if get_world_size() == 1:
+        return model
+    if mode == 'ddp' and own_grad_sync:
+        broadcast_from_rank0(model)
         return model
     if mode == 'ddp':
         device_ids = [device.index] if device.type == 'cuda' else None
@@ -82,7 +87,7 @@ def _fully_shard(model: nn.Module, device: torch.device, precision: str) -> nn.M
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from models.momentum import PinnedPairs
 
-    _broadcast_from_rank0(model)  # as DDP does: every rank starts from rank 0's weights and queues
+    broadcast_from_rank0(model)  # as DDP does: every rank starts from rank 0's weights and queues
     mesh = init_device_mesh(device.type, (get_world_size(),))
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
@@ -98,7 +103,8 @@ def _fully_shard(model: nn.Module, device: torch.device, precision: str) -> nn.M
 
 
 @torch.no_grad()
-def _broadcast_from_rank0(model: nn.Module) -> None:
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers (what DDP does when it wraps a model)."""
     for t in [*model.parameters(), *model.buffers()]:
         dist.broadcast(t.data, src=0)
 

@@ -149,6 +149,7 @@ class Run:
         self.logger = JsonLogger(self.output_dir) if self.is_main else None
         self.model = self.model_without_ddp = self.optimizer = self.scaler = None
         self.start_epoch, self.start_step = 0, 0
+        self.cuda_graph = False  # the training step as CUDA graphs (setup_model decides)
         self.progress: dict = {}  # best score / epoch: saved in every checkpoint, restored by --resume
         self._samplers: dict[int, object] = {}
         self._pending_saves: list[tuple[str, int]] = []  # FSDP: save() requests written at end_epoch / finish
@@ -209,9 +210,15 @@ class Run:
         return loaders
 
     # ------------------------------------------------------------------------------------------ model
-    def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False,
+                    graphed_step: bool = False, graph_auto: bool = True) -> torch.nn.Module:
         """Move to the device, wrap for the ``parallel`` mode (DDP or FSDP, ``engine.parallel``), build the
-        optimizer over the wrapped model's parameters, resume if asked."""
+        optimizer over the wrapped model's parameters, resume if asked.
+
+        ``graphed_step``: the script can replay its training step as CUDA graphs (``engine.cuda_graph.TrainStep``);
+        the ``cuda_graph`` key then decides (empty = on where the conditions hold), and ``self.cuda_graph`` tells
+        the script. ``graph_auto=False``: empty means eager (a task whose captured step is not yet validated on a
+        GPU). Other scripts' ``cuda_graph`` key concerns decoding only."""
         model = model.to(self.device)
         if self.device.type == 'cuda':
             model = model.to(memory_format=torch.channels_last)
@@ -219,23 +226,27 @@ class Run:
         if mode not in parallel.PARALLEL_MODES:
             raise ConfigError(f"{key_source('parallel', self.args.config, self.args.options)}: parallel must be one "
                               f"of {', '.join(parallel.PARALLEL_MODES)}, got {mode!r}")
-        graphed = self.config.get('cuda_graph', False)
+        graphed = self.cuda_graph = self._resolve_graphed_step(graph_auto) if graphed_step else False
         if graphed:
-            problems = ([f'{du.get_world_size()} processes'] if du.get_world_size() > 1 else []) + \
-                ([f'accum_steps {self.config.accum_steps}'] if self.config.accum_steps != 1 else []) + \
-                ([f'clip_grad {self.config.clip_grad}'] if self.config.clip_grad > 0 else []) + \
-                (['amp fp16 (its grad scaler)'] if self.precision == 'fp16' else [])
-            if problems:
-                raise ValueError(f'{self.args.config}: cuda_graph replays one whole step in one process without '
-                                 f'accumulation, clipping or loss scaling; this run has {", ".join(problems)}')
+            if self.precision == 'fp16':
+                raise ConfigError(f'{self.args.config}: cuda_graph replays the update without a loss scaler: use '
+                                  f'amp bf16 or none, not fp16')
+            if mode == 'fsdp' and self.distributed:
+                raise ConfigError(f'{self.args.config}: cuda_graph keeps whole gradients in one buffer; with parallel '
+                                  f'fsdp set cuda_graph: false')
             if self.device.type != 'cuda' and self.is_main:
                 print('cuda_graph: no CUDA device, the step runs eagerly on the static buffers a graph would use')
+            elif self.is_main:
+                print(f'cuda_graph: forward+backward and the update each replayed as a CUDA graph after 3 eager steps'
+                      f'{"; gradients averaged over ranks between them" if self.distributed else ""}')
         if mode == 'fsdp' and self.distributed and (self.config.compile or self.precision == 'fp16'):
             raise ConfigError(f"{self.args.config}: parallel fsdp runs without compile and without amp fp16 (its "
                               f"grad scaler does not see sharded gradients); use amp bf16 / none, compile false")
         self.model_without_ddp = model  # fully_shard works in place: the sharded model is this module too
+        # the graphed step averages the gradients itself (engine.cuda_graph.TrainStep): no DDP wrapper, whose hooks
+        # would fire inside a recorded backward
         self.model = parallel.wrap(model, mode, self.device, self.precision, find_unused_parameters,
-                                    checkpoint_med=self.config.get('med_grad_ckpt', False))
+                                    checkpoint_med=self.config.get('med_grad_ckpt', False), own_grad_sync=graphed)
         if mode == 'fsdp' and not parallel.is_sharded(model):
             print('parallel fsdp: one process, nothing to shard (the model trains whole)')
         # after wrapping: FSDP replaces the parameters by their shards, which the optimizer must hold
@@ -255,6 +266,25 @@ class Run:
         unwrapped model; under FSDP with its weights gathered until the next ``train_epoch`` (a collective the
         first time after training: every rank reads it, as the scripts' evaluation functions do)."""
         return parallel.eval_model(self.model)
+
+    def _resolve_graphed_step(self, auto: bool = True) -> bool:
+        """The ``cuda_graph`` key for the training step: as set, or (empty) on unless something rules it out."""
+        value = self.config.get('cuda_graph', None)
+        if value is not None:
+            return value
+        blockers = (([] if self.device.type == 'cuda' else ['no CUDA device']) +
+                    (['amp fp16 (its loss scaler is not replayed)'] if self.precision == 'fp16' else []) +
+                    (['vit_grad_ckpt (recomputation under capture not yet validated on GPUs)']
+                     if self.config.get('vit_grad_ckpt', False) else []) +
+                    (['parallel fsdp'] if self.config.get('parallel', 'ddp') == 'fsdp' else []) +
+                    ([f'{du.get_world_size()} processes (the multi-process graph path is not yet validated on GPUs; '
+                      f'cuda_graph: true enables it)'] if self.distributed else []) +
+                    ([] if auto else ["this task's captured step is not yet validated on a GPU; cuda_graph: true "
+                                      "enables it"]))
+        if self.is_main:
+            print(f'cuda_graph (empty = auto): the training step runs '
+                  f'{"as CUDA graphs" if not blockers else "eagerly: " + "; ".join(blockers)}')
+        return not blockers
 
     def _maybe_resume(self) -> None:
         resume = getattr(self.args, 'resume', None)

@@ -112,14 +112,23 @@ class BLIP_Decoder(nn.Module):
 
     def forward(self, image: torch.Tensor, caption: Sequence[str]) -> torch.Tensor:
         """LM loss (mean, label smoothing 0.1) of ``caption`` (already prefixed with the prompt)."""
+        text = self.tokenize(caption, image.device)
+        return self.losses(image, text.input_ids, text.attention_mask)
+
+    def tokenize(self, caption: Sequence[str], device=None, static: bool = False):
+        """The captions as the decoder reads them (at most 40 tokens); ``static``: padded to 40, the fixed shape a
+        replayed CUDA graph needs (the same loss: padding is masked)."""
+        return self.tokenizer(list(caption), padding='max_length' if static else 'longest', truncation=True,
+                              max_length=40, return_tensors='pt').to(device)
+
+    def losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` on tokenised captions (``tokenize``); no host read, so it can be recorded as a CUDA graph."""
         image_embeds = self.visual_encoder(image)
-        text = self.tokenizer(list(caption), padding='longest', truncation=True, max_length=40,
-                              return_tensors='pt').to(image.device)
-        ids = text.input_ids.clone()
+        ids = input_ids.clone()
         ids[:, 0] = self.tokenizer.bos_token_id
         targets = ids.masked_fill(ids == self.tokenizer.pad_token_id, -100)
         targets[:, :self.prompt_length] = -100  # no loss on the prompt
-        out = self.text_decoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+        out = self.text_decoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                 labels=targets, loss_only=True)
         return out.loss
 
@@ -133,15 +142,18 @@ class BLIP_Decoder(nn.Module):
     def generate(self, image: torch.Tensor, sample: bool = False, num_beams: int = 3, max_length: int = 30,
                  min_length: int = 10, top_p: float = 0.9, repetition_penalty: float = 1.0,
                  num_return_sequences: int = 1, top_k: int = 50, prompt: Optional[str] = None,
-                 cuda_graph: bool = False) -> list[str]:
+                 cuda_graph: Optional[bool] = None) -> list[str]:
         """Caption a batch of images.
 
         Beam search by default; ``sample=True`` is nucleus sampling with top-k 50 and, as in the
         original, a fixed repetition penalty of 1.1. ``max_length``/``min_length`` count the prompt
-        tokens. ``cuda_graph=True`` replays each decode step as one CUDA graph on a GPU (same captions;
-        304 vs 119-166 img/s at batch 32 in bf16 on an H100, BENCHMARKS.md). Returns
+        tokens. ``cuda_graph`` replays each decode step as one CUDA graph on a GPU (same captions;
+        304 vs 119-166 img/s at batch 32 in bf16 on an H100, BENCHMARKS.md); None (default): on for CUDA
+        images, False: eager. Returns
         ``B * num_return_sequences`` strings, grouped per image.
         """
+        if cuda_graph is None:
+            cuda_graph = image.is_cuda
         image_embeds = self.visual_encoder(image)
         prompt = prompt if prompt is not None else self.prompt
         ids = generation.generate(

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA-graph paths in one device call (issue 23), one PASS/FAIL line per check.
+#   OUT=/tmp/gc bash benchmarks/gpu_check.sh                       # on a GPU, base size (about 5 minutes)
+#   OUT=/tmp/gc DEV=cpu SIZE=tiny bash benchmarks/gpu_check.sh      # CPU smoke test of the same commands
+#   QUICK=1 ...                                                     # then the QUICK benchmarks with what is left
+# BUDGET=S (default 420): a step starts only with >= 30 s left. Results: $OUT/results.jsonl, log: $OUT/log.txt;
+# the PASS/FAIL lines are also collected in $OUT/verdicts.txt.
+#  1. dropout masks differ between replays: every SDPA kernel and the pretraining model (tiny and base), plus
+#     the same model without models.med's graph-safe kernel choice (INFO: what the guard prevents)
+#  2. the GPU tests of tests/test_cuda_graph.py
+#  3. pretrain.py at $SIZE with dropout on, one epoch of the toy pairs: the cuda_graph run's epoch-mean losses
+#     within the seed-to-seed range of eager runs (widened by 1%)
+#  4. pretrain.py with cuda_graph, accum_steps and clip_grad under a 1-process torchrun (the multi-process path)
+set -u
+OUT=${OUT:-/tmp/gpu_check}; DEV=${DEV:-cuda}; SIZE=${SIZE:-base}; PY=${PY:-python3}; BUDGET=${BUDGET:-420}
+RUNS=${RUNS:-$OUT/runs}  # pretrain.py output folders (base-size checkpoints: put them outside $OUT on a device)
+mkdir -p "$OUT" "$RUNS"; OUT=$(cd "$OUT" && pwd); RUNS=$(cd "$RUNS" && pwd); J="$OUT/results.jsonl"; LOG="$OUT/log.txt"; V="$OUT/verdicts.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1  # no progress bars in the log
+cd "$(dirname "$0")/.."
+step() {  # step NAME LIMIT CMD...: runs CMD within the budget, logs it, records a failure
+  local name=$1 limit=$2 left; shift 2
+  left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "FAIL $name skipped: budget ${BUDGET} s spent" | tee -a "$LOG" "$V"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "### [${SECONDS} s] $name: $*" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E '^\S*Warning: |^  warnings\.warn\(' | tee -a "$LOG" \
+    | grep --line-buffered -E '^(PASS|FAIL|INFO) ' >> "$V"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && echo "FAIL $name rc=$rc$([ "$rc" -ge 124 ] && echo ' (timeout)')" | tee -a "$LOG" "$V"
+  return 0
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  $PY -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)"; } | tee -a "$LOG"
+
+# 1. fresh dropout masks per replay (ONLY_PRETRAIN=1 skips 1 and 2)
+if [ -n "${ONLY_PRETRAIN:-}" ]; then :
+elif [ "$DEV" = cuda ]; then
+  step dropout_masks 150 $PY benchmarks/graph_dropout_check.py --unguarded --json "$J" --sizes tiny,$SIZE
+else
+  step dropout_masks 120 $PY benchmarks/graph_dropout_check.py --cpu-smoke
+fi
+
+# 2. the GPU tests (skipped without CUDA)
+[ -z "${ONLY_PRETRAIN:-}" ] && step gpu_tests 120 $PY -m pytest -q -n 0 -m gpu tests/test_cuda_graph.py
+
+# 3. pretrain.py with dropout, one epoch of the toy pairs. Runs (PRETRAIN_RUNS, KIND:SEED): eager = the default
+#    path, graph = cuda_graph: true. A graph run draws other random numbers than the eager run of its seed (other
+#    kernels consume the generator differently: dropout masks, ITM negatives), so it is one more sample of the same
+#    training: its epoch means must lie within the eager runs' seed-to-seed range, widened by 1%.
+if [ "$SIZE" = base ]; then
+  SIZE_OPTS="med_config=configs/med_config.json vit=base image_size=224 batch_size=64 queue_size=57600 init_lr=3e-4 num_workers=8"
+else
+  SIZE_OPTS="batch_size=16 queue_size=64 train_file=[output/toy_data/annotation/pretrain_noisy.json]"
+fi
+for run in ${PRETRAIN_RUNS:-eager:0 graph:0 eager:1 eager:2}; do
+  kind=${run%%:*}; seed=${run##*:}; graph=false
+  [ "$kind" = graph ] && graph=true
+  rm -rf "$RUNS/pretrain_${kind}_$seed"
+  step "pretrain_${kind}_$seed" 200 $PY pretrain.py --config configs/toy/pretrain.yaml --output_dir "$RUNS/pretrain_${kind}_$seed" \
+    --device $DEV --seed $seed --options $SIZE_OPTS max_epoch=1 cuda_graph=$graph
+done
+step pretrain_epoch_means 30 $PY - "$RUNS" "$J" <<'EOF'
+import glob, json, os, sys
+runs, results = sys.argv[1], sys.argv[2]
+means = {}
+for log in sorted(glob.glob(f'{runs}/pretrain_*_*/log.txt')):
+    with open(log) as f:
+        lines = f.read().splitlines()
+    if lines:
+        kind, seed = os.path.basename(os.path.dirname(log)).split('_')[1:]
+        means[(kind, int(seed))] = json.loads(lines[-1])
+rows = []
+eager = {s: m for (k, s), m in means.items() if k == 'eager'}
+for key in ('train_loss_ita', 'train_loss_itm', 'train_loss_lm'):
+    vals = [m[key] for m in eager.values()]
+    low, high = min(vals, default=float('nan')), max(vals, default=float('nan'))
+    print(f"INFO eager_seed_range[{key}] {json.dumps({'by_seed': {s: m[key] for s, m in eager.items()}})}")
+    for (kind, seed), m in means.items():
+        if kind != 'graph':
+            continue
+        name = f'pretrain_graph_within_eager_seed_range[{key},seed={seed}]'
+        ok = len(vals) >= 2 and low * 0.99 <= m[key] <= high * 1.01
+        same_seed = eager.get(seed, {}).get(key)
+        detail = {'graph': m[key], 'eager_range': [low, high], 'eager_same_seed': same_seed,
+                  'vs_same_seed': round(abs(m[key] - same_seed) / same_seed, 5) if same_seed else None}
+        print(f"{'PASS' if ok else 'FAIL'} {name} {json.dumps(detail)}")
+        rows.append({'check': name, 'pass': ok, **detail})
+with open(results, 'a') as f:
+    f.writelines(json.dumps({'workload': 'gpu_check', **r}) + '\n' for r in rows)
+sys.exit(0 if rows and all(r['pass'] for r in rows) else 1)
+EOF
+
+# 4. the graphed step under torchrun (NCCL on a GPU, world size 1): the path that averages the flat gradient buffer
+#    between the two recorded parts, with accumulation and clipping; toy size, one epoch; PASS = finite losses
+rm -rf "$RUNS/torchrun_graph"
+step torchrun_graph 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py \
+  --config configs/toy/pretrain.yaml --output_dir "$RUNS/torchrun_graph" --options max_epoch=1 cuda_graph=true \
+  accum_steps=2 clip_grad=1.0 train_file=[output/toy_data/annotation/pretrain_noisy.json]
+step torchrun_graph_losses 20 $PY -c "
+import json, math, sys
+m = json.loads(open('$RUNS/torchrun_graph/log.txt').read().splitlines()[-1])
+ok = all(math.isfinite(m[k]) for k in ('train_loss_ita', 'train_loss_itm', 'train_loss_lm'))
+print(('PASS' if ok else 'FAIL'), 'torchrun_graphed_pretraining_world_size_1', json.dumps(m)); sys.exit(0 if ok else 1)"
+
+if [ -n "${QUICK:-}" ] && [ $((BUDGET - SECONDS)) -gt 60 ]; then
+  OUT="$OUT/bench" QUICK=1 BUDGET=$((BUDGET - SECONDS)) DEV=$DEV SIZE=$SIZE PY=$PY bash benchmarks/run_gpu.sh
+fi
+echo "### done [${SECONDS} s]: $(grep -c '^PASS' "$V") PASS, $(grep -c '^FAIL' "$V") FAIL" | tee -a "$LOG"
+cat "$V"
