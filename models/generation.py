@@ -294,7 +294,8 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
     if sample:
         return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, True,
                                  max_length, min_length, top_k, top_p, repetition_penalty,
-                                 num_return_sequences, eos_token_id, pad_token_id, use_cache, cuda_graph, step_runner)
+                                 num_return_sequences, eos_token_id, pad_token_id, use_cache, cuda_graph,
+                                 step_runner)
     if num_beams == 1:
         if num_return_sequences != 1:
             raise ValueError('greedy decoding returns one sequence per image; use beams or sampling')
@@ -311,7 +312,8 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
 def _sample_or_greedy(decoder, input_ids, states, mask, sample, max_length, min_length, top_k, top_p,
                       repetition_penalty, n, eos, pad, use_cache, cuda_graph=False, step_runner=None):
     ids = input_ids.repeat_interleave(n, 0)                                # [B*n, P]
-    runner = step_runner or (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, n, use_cache, max_length)
+    runner = step_runner or (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, n, use_cache,
+                                                                          max_length)
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
     while ids.shape[1] < max_length:
         scores = runner.logits(ids)
@@ -340,7 +342,8 @@ def _beam_search(decoder, input_ids, states, mask, k, max_length, min_length, re
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(k) for _ in range(B)]
     done = [False] * B
-    runner = step_runner or (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, k, use_cache, max_length)
+    runner = step_runner or (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, k, use_cache,
+                                                                          max_length)
     while ids.shape[1] < max_length:
         cur_len = ids.shape[1]
         scores = F.log_softmax(runner.logits(ids), -1)                      # [B*k, V]

@@ -89,7 +89,8 @@ def test_caption_export_loads_and_generates_the_same_greedy_tokens(tmp_path, vit
     with torch.no_grad():
         theirs = hf.generate(**inputs, num_beams=1, do_sample=False, max_length=12, min_length=5)
         prompt = ours.prompt_ids(3, 'cpu')
-        mine = generate(ours.text_decoder, prompt, ours.visual_encoder(inputs.pixel_values), max_length=12, min_length=5)
+        mine = generate(ours.text_decoder, prompt, ours.visual_encoder(inputs.pixel_values), max_length=12,
+                        min_length=5)
     assert prompt[0].tolist() == [DEC, 1037, 3861, 1997]  # the processor's ids with [DEC] first, as HF does
     cut = [r[:r.index(SEP) + 1] if SEP in r else r for r in (row.tolist() for row in theirs)]
     assert [[t for t in r if t] for r in mine.tolist()] == cut
@@ -184,7 +185,8 @@ def test_official_retrieval_checkpoint_layout_exports_dropping_momentum_and_queu
     info = export_to_hf(tmp_path / 'model_base_retrieval_coco.pth', tmp_path / 'hf', heads=(2, 2))
     assert info['task'] == 'retrieval'
     assert set(info['dropped']) == set(sd) - set(ours.state_dict())
-    assert {'temp', 'image_queue', 'text_queue', 'idx_queue', 'ptr_queue', 'visual_encoder_m.cls_token'} <= set(info['dropped'])
+    assert {'temp', 'image_queue', 'text_queue', 'idx_queue', 'ptr_queue',
+            'visual_encoder_m.cls_token'} <= set(info['dropped'])
     hf = load_hf(BlipForImageTextRetrieval, tmp_path / 'hf')
     for k, v in hf.state_dict().items():
         if k.startswith('text_encoder.encoder.layer.0.attention.self.query'):
