@@ -139,7 +139,11 @@ def hf_processor(image_size: int):
     images = BlipImageProcessor(size={'height': image_size, 'width': image_size}, resample=PILImageResampling.BICUBIC,
                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_resize=True,
                                 do_rescale=True, do_normalize=True, do_convert_rgb=True)
-    return BlipProcessor(image_processor=images, tokenizer=init_tokenizer())
+    tokenizer = init_tokenizer()
+    # saved settings: transformers 5 defaults to no clean-up ("man ' s"), BLIP's 4.15 joined "man's"
+    tokenizer.init_kwargs.update(clean_up_tokenization_spaces=True, model_max_length=512)
+    tokenizer.model_max_length = 512
+    return BlipProcessor(image_processor=images, tokenizer=tokenizer)
 
 
 def _write_folder(out_dir: Path, write, overwrite: bool) -> None:
@@ -184,7 +188,9 @@ def export_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        hf_processor(sizes['image_size']).save_pretrained(tmp)
+        processor = hf_processor(sizes['image_size'])
+        processor.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json too, for older transformers
 
     _write_folder(Path(out_dir), write, overwrite)
     return {'task': task, 'class': HF_CLASSES[task], 'dropped': dropped}

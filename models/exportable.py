@@ -143,7 +143,13 @@ def read_for_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """(original-layout state dict, the checkpoint's ``config`` entry or {}) of a .pth file or an HF folder."""
     checkpoint = read_checkpoint(os.fspath(path))
     config = checkpoint.get('config')
-    return extract_state_dict(checkpoint, os.fspath(path)), dict(config) if isinstance(config, Mapping) else {}
+    config = dict(config) if isinstance(config, Mapping) else {}
+    hf_config = Path(path) / 'config.json'
+    if not config and hf_config.is_file():  # an HF folder: its config.json says the head counts
+        from models.convert_hf import hf_config_to_blip_kwargs
+        with open(hf_config) as f:
+            config = hf_config_to_blip_kwargs(json.load(f))
+    return extract_state_dict(checkpoint, os.fspath(path)), config
 
 
 def build_loaded(task: str, state_dict: Mapping[str, torch.Tensor], config: Optional[Mapping] = None,

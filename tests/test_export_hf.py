@@ -79,6 +79,11 @@ def test_caption_export_loads_and_generates_the_same_greedy_tokens(tmp_path, vit
     tok = processor.tokenizer
     assert (len(tok), tok.convert_tokens_to_ids('[DEC]'), tok.convert_tokens_to_ids('[ENC]'), tok.bos_token) == \
         (30524, DEC, ENC, '[DEC]')
+    ids = ours.tokenizer("[DEC] a man's dog, isn't it?").input_ids
+    assert tok("[DEC] a man's dog, isn't it?").input_ids == ids
+    assert tok.decode(ids, skip_special_tokens=True) == ours.tokenizer.decode(ids, skip_special_tokens=True) == \
+        "a man's dog, isn't it?"
+    assert (tmp_path / 'hf' / 'preprocessor_config.json').is_file()
     ip = processor.image_processor
     assert ip.size == {'height': image_size, 'width': image_size} and int(ip.resample) == 3  # bicubic
     assert tuple(ip.image_mean) == pytest.approx((0.48145466, 0.4578275, 0.40821073))
@@ -95,6 +100,9 @@ def test_caption_export_loads_and_generates_the_same_greedy_tokens(tmp_path, vit
     cut = [r[:r.index(SEP) + 1] if SEP in r else r for r in (row.tolist() for row in theirs)]
     assert [[t for t in r if t] for r in mine.tolist()] == cut
     round_trip(tmp_path / 'hf', ckpt, tmp_path, [])
+    export_to_hf(tmp_path / 'hf', tmp_path / 'hf2')  # an HF folder exports again (heads from its config.json)
+    assert load_hf(BlipForConditionalGeneration, tmp_path / 'hf2').config.to_dict()['text_config'] == \
+        hf.config.to_dict()['text_config']
 
 
 # ------------------------------------------------------------------------------------------ retrieval
