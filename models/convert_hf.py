@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
 from models.checkpoint import CheckpointError, read_hf_state_dict
+from models.exportable import build_loaded, infer_task, read_for_export, write_folder
 from models.hf_layout import (HF_CLASS_KIND, HF_KINDS, VISION_SWAPS, blip_to_hf,  # noqa: F401  (import path)
-                              blip_to_hf_dropped, hf_to_blip)
+                              blip_to_hf_dropped, hf_config_to_blip_kwargs, hf_to_blip)
 
 HF_CLASSES = {'caption': 'BlipForConditionalGeneration', 'retrieval': 'BlipForImageTextRetrieval',
               'vqa': 'BlipForQuestionAnswering'}
@@ -59,25 +58,6 @@ def load_hf_blip(model_or_path, dtype: torch.dtype | None = None) -> dict[str, t
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
-
-
-def hf_config_to_blip_kwargs(config) -> dict:
-    """Constructor kwargs for our models from an HF ``BlipConfig`` (object or dict): ``vit``,
-    ``image_size`` and ``med_config``. Vision LayerNorm eps stays BLIP's 1e-6 (see module docstring)."""
-    cfg = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-    v, t = cfg['vision_config'], cfg['text_config']
-    if v.get('intermediate_size', 4 * v['hidden_size']) != 4 * v['hidden_size']:
-        raise ValueError('BLIP ViT uses mlp_ratio 4')
-    return dict(
-        vit={'embed_dim': v['hidden_size'], 'depth': v['num_hidden_layers'],
-             'num_heads': v['num_attention_heads'], 'patch_size': v['patch_size']},
-        image_size=v['image_size'],
-        med_config={'vocab_size': t['vocab_size'], 'hidden_size': t['hidden_size'],
-                    'num_hidden_layers': t['num_hidden_layers'], 'num_attention_heads': t['num_attention_heads'],
-                    'intermediate_size': t['intermediate_size'],
-                    'max_position_embeddings': t['max_position_embeddings'],
-                    'layer_norm_eps': t['layer_norm_eps'], 'pad_token_id': t.get('pad_token_id', 0),
-                    'encoder_width': v['hidden_size']})
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -146,21 +126,6 @@ def hf_processor(image_size: int):
     return BlipProcessor(image_processor=images, tokenizer=tokenizer)
 
 
-def _write_folder(out_dir: Path, write, overwrite: bool) -> None:
-    """``write(tmp)`` into a sibling folder, then move it to ``out_dir``: no half-written export is left."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f'{out_dir}: exists and is not empty (choose another folder or pass --overwrite)')
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task: Optional[str] = None,
                  overwrite: bool = False, heads: Optional[tuple] = None) -> dict:
     """Write ``checkpoint`` (ours, official, or an HF folder) as a transformers ``save_pretrained`` folder.
@@ -175,7 +140,6 @@ def export_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task
     Raises:
         CheckpointError: a key the model needs is missing (named), the task is ambiguous, or no HF class fits.
     """
-    from models.exportable import build_loaded, infer_task, read_for_export
     source = os.fspath(checkpoint)
     state_dict, config = read_for_export(checkpoint)
     task = task or infer_task(state_dict, source)
@@ -192,7 +156,7 @@ def export_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task
         processor.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json too, for older transformers
 
-    _write_folder(Path(out_dir), write, overwrite)
+    write_folder(Path(out_dir), write, overwrite)
     return {'task': task, 'class': HF_CLASSES[task], 'dropped': dropped}
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from models import med
 from models.checkpoint import CheckpointError
+from models.exportable import build_loaded, read_for_export, write_folder
 from models.med import attention
 
 TASKS = ('caption', 'feature', 'itm')
@@ -251,8 +252,6 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task:
         CheckpointError: missing keys (named), a non-empty ``out_dir`` without ``overwrite``, or an ONNX file
             whose onnxruntime outputs differ from PyTorch's by more than 1e-4.
     """
-    from models.convert_hf import _write_folder
-    from models.exportable import build_loaded, read_for_export
     if task not in TASKS:
         raise CheckpointError(f'--task must be one of {TASKS}, got {task!r}')
     source = os.fspath(checkpoint)
@@ -266,7 +265,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task:
         model.tokenizer.save_pretrained(tmp)
         (tmp / 'export.json').write_text(json.dumps(manifest, indent=1))
 
-    _write_folder(Path(out_dir), write, overwrite)
+    write_folder(Path(out_dir), write, overwrite)
     return manifest
 
 

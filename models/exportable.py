@@ -13,13 +13,16 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
+from models.hf_layout import hf_config_to_blip_kwargs
 
 # Tasks and the top-level modules the model of each task needs (original layout).
 TASK_MODULES: dict[str, tuple[str, ...]] = {
@@ -146,7 +149,6 @@ def read_for_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     config = dict(config) if isinstance(config, Mapping) else {}
     hf_config = Path(path) / 'config.json'
     if not config and hf_config.is_file():  # an HF folder: its config.json says the head counts
-        from models.convert_hf import hf_config_to_blip_kwargs
         with open(hf_config) as f:
             config = hf_config_to_blip_kwargs(json.load(f))
     return extract_state_dict(checkpoint, os.fspath(path)), config
@@ -179,3 +181,18 @@ def build_loaded(task: str, state_dict: Mapping[str, torch.Tensor], config: Opti
         raise ExportError(f'{source}: refusing to export task {task!r}: the checkpoint lacks '
                           f'{len(result.missing_keys)} key(s) the model needs: {", ".join(shown)}{more}')
     return model, sizes
+
+
+def write_folder(out_dir: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """``write(tmp)`` into a sibling folder, then move it to ``out_dir``: no half-written export is left."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f'{out_dir}: exists and is not empty (choose another folder or pass --overwrite)')
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -145,3 +145,22 @@ def blip_to_hf(state_dict: Mapping[str, torch.Tensor], kind: str) -> dict[str, t
 def blip_to_hf_dropped(state_dict: Mapping[str, torch.Tensor], kind: str) -> list[str]:
     """The original-layout keys ``blip_to_hf(state_dict, kind)`` leaves out."""
     return _blip_to_hf_split(state_dict, kind)[1]
+
+
+def hf_config_to_blip_kwargs(config) -> dict:
+    """Constructor kwargs for our models from an HF ``BlipConfig`` (object or dict): ``vit``,
+    ``image_size`` and ``med_config``. Vision LayerNorm eps stays BLIP's 1e-6 (see module docstring)."""
+    cfg = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+    v, t = cfg['vision_config'], cfg['text_config']
+    if v.get('intermediate_size', 4 * v['hidden_size']) != 4 * v['hidden_size']:
+        raise ValueError('BLIP ViT uses mlp_ratio 4')
+    return dict(
+        vit={'embed_dim': v['hidden_size'], 'depth': v['num_hidden_layers'],
+             'num_heads': v['num_attention_heads'], 'patch_size': v['patch_size']},
+        image_size=v['image_size'],
+        med_config={'vocab_size': t['vocab_size'], 'hidden_size': t['hidden_size'],
+                    'num_hidden_layers': t['num_hidden_layers'], 'num_attention_heads': t['num_attention_heads'],
+                    'intermediate_size': t['intermediate_size'],
+                    'max_position_embeddings': t['max_position_embeddings'],
+                    'layer_norm_eps': t['layer_norm_eps'], 'pad_token_id': t.get('pad_token_id', 0),
+                    'encoder_width': v['hidden_size']})

@@ -247,3 +247,23 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     assert (tmp_path / 'hf' / 'keep.txt').read_text() == 'mine'
     convert_main(['--to-hf', str(ckpt), str(tmp_path / 'hf'), '--overwrite'])
     assert (tmp_path / 'hf' / 'config.json').is_file() and not (tmp_path / 'hf' / 'keep.txt').exists()
+
+
+def test_checkpoint_reading_does_not_import_the_converters():
+    """The key map lives in models/hf_layout.py: models.checkpoint (which reads HF files) no longer imports
+    models.convert_hf, which imports it (an import cycle, even when one side was imported lazily)."""
+    import ast
+
+    def imports(module: str) -> set:
+        tree = ast.parse((Path(__file__).parent.parent / 'models' / f'{module}.py').read_text())
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return {m.split('.', 1)[1] for m in found if m.startswith('models.')}
+
+    seen, todo = set(), ['checkpoint']
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += [m for m in imports(module) if (Path(__file__).parent.parent / 'models' / f'{m}.py').is_file()]
+    assert 'convert_hf' not in seen and 'exportable' not in seen and 'hf_layout' in seen
