@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from models.hf_layout import hf_to_blip
 from models.vit import interpolate_pos_embed
 
 
@@ -65,8 +67,7 @@ def read_checkpoint(url_or_filename: str) -> dict:
     """Load a checkpoint file or URL with ``weights_only=True`` and return its dict."""
     path = resolve_checkpoint_path(url_or_filename)
     if os.path.isdir(path) or path.endswith('.safetensors'):
-        from models.convert_hf import read_hf_state_dict  # HF transformers' BLIP files
-        try:
+        try:  # HF transformers' BLIP files
             return {'model': read_hf_state_dict(path)}
         except CheckpointError:
             raise
@@ -98,6 +99,31 @@ def torch_load_checked(path: str | os.PathLike):
     return checkpoint
 
 
+def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of an HF checkpoint: a ``save_pretrained`` folder (safetensors, sharded or not, or
+    ``pytorch_model.bin``) or a single ``.safetensors`` / ``.bin`` file. Pickles load with weights_only."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f'{path}: no model.safetensors(.index.json) or pytorch_model.bin')
+    if path.name.endswith('.index.json'):
+        with open(path) as f:
+            shards = sorted(set(json.load(f)['weight_map'].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(read_hf_state_dict(path.parent / shard))
+        return sd
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    sd = torch_load_checked(path)  # its errors name the file (pickled code, truncation)
+    return dict(sd.get('model', sd)) if isinstance(sd, Mapping) else sd
+
+
 def extract_state_dict(checkpoint: Mapping[str, Any], source: str = '') -> dict[str, torch.Tensor]:
     """``checkpoint['model']`` (our and the original's layout), else the dict itself; HF layouts converted."""
     state_dict = checkpoint.get('model', checkpoint)
@@ -108,8 +134,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any], source: str = '') -> dict[
         raise CheckpointError(f'{source}: checkpoint has no state dict of tensors (non-tensor keys {bad[:5]})')
     if any(k.startswith(('vision_model.', 'text_encoder.encoder.layer.0.crossattention.self.query')) for k in state_dict) \
             and not any(k.startswith('visual_encoder.') for k in state_dict):
-        from models.convert_hf import hf_to_blip  # HF transformers' Blip* layout
-        state_dict = hf_to_blip(state_dict)
+        state_dict = hf_to_blip(state_dict)  # HF transformers' Blip* layout
     return dict(state_dict)
 
 

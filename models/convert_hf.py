@@ -1,181 +1,45 @@
-"""Convert between Hugging Face transformers' BLIP layout and the original BLIP layout (ours).
+"""Convert checkpoints between the original BLIP layout (ours) and Hugging Face transformers' BLIP folders.
 
-transformers ports BLIP as ``BlipForConditionalGeneration`` (captioning), ``BlipForImageTextRetrieval``
-(ITM/ITC) and ``BlipForQuestionAnswering`` (VQA). Their text side keeps the original's names
-(``text_encoder.*``, ``text_decoder.bert.*``, ``text_decoder.cls.predictions.*``, ``vision_proj``,
-``text_proj``, ``itm_head``); only the vision tower is renamed, CLIP style:
+Import (HF -> ours): ``python -m models.convert_hf path/to/hf_folder_or_file out.pth`` writes
+``{'model': state_dict}`` that ``load_checkpoint`` reads (the key map is ``models.hf_layout``).
 
-=============================================================  ==========================================
-HF (``vision_model.``)                                          original (``visual_encoder.``)
-=============================================================  ==========================================
-``embeddings.class_embedding``           [1, 1, D]              ``cls_token``          [1, 1, D]
-``embeddings.position_embedding``        [1, N, D]              ``pos_embed``          [1, N, D]
-``embeddings.patch_embedding.{weight,bias}``                    ``patch_embed.proj.{weight,bias}``
-``encoder.layers.i.layer_norm1 / layer_norm2``                  ``blocks.i.norm1 / norm2``
-``encoder.layers.i.self_attn.qkv``  (q, k, v stacked)           ``blocks.i.attn.qkv`` (same order)
-``encoder.layers.i.self_attn.projection``                       ``blocks.i.attn.proj``
-``encoder.layers.i.mlp.fc1 / fc2``                              ``blocks.i.mlp.fc1 / fc2``
-``post_layernorm``                                              ``norm``
-=============================================================  ==========================================
+Export (ours -> HF): ``python -m models.convert_hf --to-hf CKPT DIR [--task caption|retrieval|vqa]`` writes a
+``save_pretrained`` folder that ``BlipForConditionalGeneration`` / ``BlipForImageTextRetrieval`` /
+``BlipForQuestionAnswering`` and ``BlipProcessor`` load offline with ``from_pretrained``:
 
-Shapes are equal on both sides, so the conversion is a pure rename plus these explicit gaps:
+* ``config.json``: the checkpoint's sizes (read off its tensors, ``models.exportable``) with BLIP's numerics
+  (vision LayerNorm eps 1e-6, exact GELU, label smoothing 0.1, ``[DEC]`` bos 30522, ``[SEP]`` 102 ends);
+* ``model.safetensors``: the weights, loaded into the HF class strictly first (no missing or unexpected key);
+* tokenizer files: bert-base-uncased WordPiece with ``[DEC]`` (bos, 30522) and ``[ENC]`` (30523);
+* ``preprocessor_config.json``: resize to the checkpoint's image size (bicubic), CLIP mean/std.
 
-* ``*.embeddings.position_ids``: a persistent buffer in the original (present in its checkpoints),
-  non-persistent in HF. ``hf_to_blip`` rebuilds it as ``arange(max_position_embeddings)``;
-  ``blip_to_hf`` drops it.
-* LM-head duplicates: the original stores ``cls.predictions.bias`` and ``cls.predictions.decoder.bias``
-  (one Parameter) and ``decoder.weight`` (tied to the word embeddings). ``save_pretrained`` may omit the
-  tied copies; ``hf_to_blip`` restores whichever is missing from its twin.
-* ``embeddings.token_type_embeddings``: neither layout has them (the original drops BERT's, reference
-  3.2); a state dict that carries them is refused rather than silently changed.
-* Keys HF's classes do not have (momentum encoders ``*_m.*``, queues, ``temp``, a decoder when
-  converting to the retrieval class, ...) are dropped by ``blip_to_hf`` per target ``kind``; the
-  dropped names are available from ``blip_to_hf_dropped``.
-
-Numerics worth knowing (checked in ``tests/test_parity_hf.py``): the HF hub configs use vision
-``layer_norm_eps=1e-5`` while BLIP's ViT uses 1e-6; our models keep the original's 1e-6. HF's text
-``label_smoothing`` defaults to 0.0, the original trains with 0.1.
-
-Usage::
-
-    python -m models.convert_hf path/to/hf_folder_or_file out.pth   # writes {'model': state_dict}
+What transformers' classes do differently from ours (same weights, so inputs decide; README "Export"):
+``BlipForImageTextRetrieval`` and ``BlipForQuestionAnswering`` feed ``input_ids`` as given, i.e. ``[CLS]``
+first from the processor; this project's ITM and VQA put ``[ENC]`` first (set ``input_ids[:, 0] = 30523``
+for the same scores and answers). HF's VQA decoder does not mask question padding (our
+``mask_question_padding=False``). HF ties the VQA decoder's cross-attention width to the vision width, so a
+ViT-L VQA model (decoder reading 768-wide question states) has no HF form and is refused.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Optional
 
 import torch
 
-# (HF substring, original substring), applied in order to vision keys only. ``blip_to_hf`` applies the
-# same pairs reversed. Every vision key of either layout matches exactly one prefix rule below.
-VISION_SWAPS: list[tuple[str, str]] = [
-    ('vision_model.embeddings.class_embedding', 'visual_encoder.cls_token'),
-    ('vision_model.embeddings.position_embedding', 'visual_encoder.pos_embed'),
-    ('vision_model.embeddings.patch_embedding.', 'visual_encoder.patch_embed.proj.'),
-    ('vision_model.post_layernorm.', 'visual_encoder.norm.'),
-    ('vision_model.encoder.layers.', 'visual_encoder.blocks.'),
-    ('.self_attn.qkv.', '.attn.qkv.'),
-    ('.self_attn.projection.', '.attn.proj.'),
-    ('.layer_norm1.', '.norm1.'),
-    ('.layer_norm2.', '.norm2.'),
-]
+from models.checkpoint import CheckpointError, read_hf_state_dict
+from models.exportable import build_loaded, infer_task, read_for_export, write_folder
+from models.hf_layout import (HF_CLASS_KIND, HF_KINDS, VISION_SWAPS, blip_to_hf,  # noqa: F401  (import path)
+                              blip_to_hf_dropped, hf_config_to_blip_kwargs, hf_to_blip)
 
-# Top-level modules of each HF class (original names; the vision tower is ``visual_encoder``).
-HF_KINDS: dict[str, tuple[str, ...]] = {
-    'caption': ('visual_encoder.', 'text_decoder.'),
-    'retrieval': ('visual_encoder.', 'text_encoder.', 'vision_proj.', 'text_proj.', 'itm_head.'),
-    'vqa': ('visual_encoder.', 'text_encoder.', 'text_decoder.'),
-}
-HF_CLASS_KIND = {'BlipForConditionalGeneration': 'caption', 'BlipForImageTextRetrieval': 'retrieval',
-                 'BlipForQuestionAnswering': 'vqa'}
-
-_LM = 'text_decoder.cls.predictions.'
-_WORD_EMB = 'text_decoder.bert.embeddings.word_embeddings.weight'
-
-
-def _rename_vision(key: str, swaps: list[tuple[str, str]]) -> str:
-    for old, new in swaps:
-        key = key.replace(old, new)
-    return key
-
-
-def _check_no_token_types(sd: Mapping[str, torch.Tensor]) -> None:
-    bad = [k for k in sd if k.endswith('embeddings.token_type_embeddings.weight')]
-    if bad:
-        raise ValueError(f'{bad}: BLIP has no token-type embeddings (neither the original nor HF layout); '
-                         'convert from a BLIP checkpoint, not a plain BERT one')
-
-
-def hf_to_blip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF ``Blip*`` state dict -> original BLIP layout (loads into our models with strict keys).
-
-    Keys already in the original layout pass through unchanged, so the function is idempotent.
-    """
-    _check_no_token_types(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith('vision_model.'):
-            if key.endswith('.position_ids'):  # old HF files persisted this buffer; timm's ViT has none
-                continue
-            key = _rename_vision(key, VISION_SWAPS)
-            if not key.startswith('visual_encoder.'):
-                raise KeyError(f'unknown HF vision key {key!r}')
-        elif key.startswith(('text_model.', 'visual_projection.', 'text_projection.', 'logit_scale')):
-            raise KeyError(f'{key!r}: BlipModel (the deprecated CLIP-style class) has no original-layout '
-                           'counterpart; convert a BlipFor* checkpoint')
-        out[key] = value
-    # the original's persistent position_ids buffer (HF keeps it non-persistent)
-    for prefix in ('text_encoder.', 'text_decoder.bert.'):
-        pos = f'{prefix}embeddings.position_embeddings.weight'
-        if pos in out and f'{prefix}embeddings.position_ids' not in out:
-            out[f'{prefix}embeddings.position_ids'] = torch.arange(out[pos].shape[0]).unsqueeze(0)
-    # LM head: one bias stored under two names, output weights tied to the word embeddings
-    if f'{_LM}bias' in out or f'{_LM}decoder.bias' in out:
-        out.setdefault(f'{_LM}bias', out.get(f'{_LM}decoder.bias'))
-        out.setdefault(f'{_LM}decoder.bias', out[f'{_LM}bias'])
-        if _WORD_EMB in out:
-            out.setdefault(f'{_LM}decoder.weight', out[_WORD_EMB])
-    return out
-
-
-def _blip_to_hf_split(state_dict: Mapping[str, torch.Tensor], kind: str):
-    kind = HF_CLASS_KIND.get(kind, kind)
-    if kind not in HF_KINDS:
-        raise ValueError(f"kind must be one of {sorted(HF_KINDS)} or an HF class name, got {kind!r}")
-    _check_no_token_types(state_dict)
-    keep, dropped = {}, []
-    reverse = [(new, old) for old, new in VISION_SWAPS]
-    for key, value in state_dict.items():
-        if not key.startswith(HF_KINDS[kind]) or key.endswith('embeddings.position_ids'):
-            dropped.append(key)  # momentum/queue/temp/other heads; position_ids is non-persistent in HF
-            continue
-        if key.startswith('visual_encoder.'):
-            key = _rename_vision(key, reverse)
-        keep[key] = value
-    return keep, dropped
-
-
-def blip_to_hf(state_dict: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """Original BLIP layout -> HF layout of ``kind`` ('caption', 'retrieval', 'vqa' or an HF class name).
-
-    Keys the HF class lacks are dropped (see ``blip_to_hf_dropped``).
-    """
-    return _blip_to_hf_split(state_dict, kind)[0]
-
-
-def blip_to_hf_dropped(state_dict: Mapping[str, torch.Tensor], kind: str) -> list[str]:
-    """The original-layout keys ``blip_to_hf(state_dict, kind)`` leaves out."""
-    return _blip_to_hf_split(state_dict, kind)[1]
-
-
-def read_hf_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Tensors of an HF checkpoint: a ``save_pretrained`` folder (safetensors, sharded or not, or
-    ``pytorch_model.bin``) or a single ``.safetensors`` / ``.bin`` file. Pickles load with weights_only."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(f'{path}: no model.safetensors(.index.json) or pytorch_model.bin')
-    if path.name.endswith('.index.json'):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
-        sd: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            sd.update(read_hf_state_dict(path.parent / shard))
-        return sd
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    from models.checkpoint import torch_load_checked  # its errors name the file (pickled code, truncation)
-    sd = torch_load_checked(path)
-    return dict(sd.get('model', sd)) if isinstance(sd, Mapping) else sd
+HF_CLASSES = {'caption': 'BlipForConditionalGeneration', 'retrieval': 'BlipForImageTextRetrieval',
+              'vqa': 'BlipForQuestionAnswering'}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transform/ normalises with these (the original's)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_hf_blip(model_or_path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -196,33 +60,132 @@ def load_hf_blip(model_or_path, dtype: torch.dtype | None = None) -> dict[str, t
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def hf_config_to_blip_kwargs(config) -> dict:
-    """Constructor kwargs for our models from an HF ``BlipConfig`` (object or dict): ``vit``,
-    ``image_size`` and ``med_config``. Vision LayerNorm eps stays BLIP's 1e-6 (see module docstring)."""
-    cfg = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-    v, t = cfg['vision_config'], cfg['text_config']
-    if v.get('intermediate_size', 4 * v['hidden_size']) != 4 * v['hidden_size']:
-        raise ValueError('BLIP ViT uses mlp_ratio 4')
-    return dict(
-        vit={'embed_dim': v['hidden_size'], 'depth': v['num_hidden_layers'],
-             'num_heads': v['num_attention_heads'], 'patch_size': v['patch_size']},
-        image_size=v['image_size'],
-        med_config={'vocab_size': t['vocab_size'], 'hidden_size': t['hidden_size'],
-                    'num_hidden_layers': t['num_hidden_layers'], 'num_attention_heads': t['num_attention_heads'],
-                    'intermediate_size': t['intermediate_size'],
-                    'max_position_embeddings': t['max_position_embeddings'],
-                    'layer_norm_eps': t['layer_norm_eps'], 'pad_token_id': t.get('pad_token_id', 0),
-                    'encoder_width': v['hidden_size']})
+# ------------------------------------------------------------------------------------------ export
+
+def hf_blip_config(task: str, sizes: Mapping):
+    """transformers ``BlipConfig`` for our model sizes (``models.exportable.model_sizes``), BLIP's numerics."""
+    from transformers import BlipConfig
+    vit, med = sizes['vit'], sizes['med_config']
+    vision = dict(hidden_size=vit['embed_dim'], intermediate_size=4 * vit['embed_dim'],
+                  num_hidden_layers=vit['depth'], num_attention_heads=vit['num_heads'], patch_size=vit['patch_size'],
+                  image_size=sizes['image_size'], layer_norm_eps=1e-6, hidden_act='gelu')
+    text = dict(vocab_size=med['vocab_size'], hidden_size=med['hidden_size'], encoder_hidden_size=vit['embed_dim'],
+                intermediate_size=med['intermediate_size'], num_hidden_layers=med['num_hidden_layers'],
+                num_attention_heads=med['num_attention_heads'], max_position_embeddings=med['max_position_embeddings'],
+                layer_norm_eps=med['layer_norm_eps'], hidden_act='gelu', label_smoothing=0.1,
+                bos_token_id=30522, sep_token_id=102, eos_token_id=102, pad_token_id=med['pad_token_id'])
+    return BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=sizes.get('embed_dim', 256),
+                      label_smoothing=0.1, architectures=[HF_CLASSES[task]])
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description='Convert an HF BLIP checkpoint to the original layout '
-                                                 "({'model': state_dict} .pth, loadable by load_checkpoint).")
-    parser.add_argument('src', help='save_pretrained folder, .safetensors or .bin file')
-    parser.add_argument('dst', help='output .pth')
-    parser.add_argument('--fp32', action='store_true', help='cast floating-point tensors to float32')
+def _hf_model(task: str, sizes: Mapping, state_dict: Mapping[str, torch.Tensor], source: str):
+    """The HF class of ``task`` holding ``state_dict`` (original layout), every key accounted for."""
+    import transformers
+    med, width = sizes['med_config'], sizes['vit']['embed_dim']
+    if task == 'vqa' and width != med['hidden_size']:
+        raise CheckpointError(
+            f'{source}: a VQA model with a {width}-wide ViT cannot be exported to transformers: '
+            f"BlipForQuestionAnswering gives the answer decoder's cross-attention the vision width ({width}), while "
+            f"BLIP's decoder reads the {med['hidden_size']}-wide question states")
+    hf_sd = {k: v.detach().clone().contiguous() for k, v in blip_to_hf(state_dict, task).items()}
+    with torch.device('meta'):  # no random initialisation of weights that are replaced anyway
+        model = getattr(transformers, HF_CLASSES[task])(hf_blip_config(task, sizes))
+    result = model.load_state_dict(hf_sd, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f'{source}: {HF_CLASSES[task]} does not take these weights: missing '
+                              f'{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}')
+    model.tie_weights()  # the LM head's weight and bias are the embeddings' / the bias (as in the checkpoint)
+    _rebuild_meta_buffers(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f'{source}: {HF_CLASSES[task]} tensors not set by the checkpoint: {left[:10]}')
+    return model.eval()
+
+
+def _rebuild_meta_buffers(model) -> None:
+    """HF's non-persistent ``position_ids`` buffers (not in state dicts) on a model built on the meta device."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta and name == 'position_ids':
+                module.register_buffer(name, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)
+
+
+def hf_processor(image_size: int):
+    """``BlipProcessor``: BLIP's tokenizer ([DEC] bos, [ENC]) and image preprocessing at ``image_size``."""
+    from transformers import BlipImageProcessor, BlipProcessor
+    from transformers.image_utils import PILImageResampling
+
+    from models.blip import init_tokenizer
+    images = BlipImageProcessor(size={'height': image_size, 'width': image_size}, resample=PILImageResampling.BICUBIC,
+                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_resize=True,
+                                do_rescale=True, do_normalize=True, do_convert_rgb=True)
+    tokenizer = init_tokenizer()
+    # saved settings: transformers 5 defaults to no clean-up ("man ' s"), BLIP's 4.15 joined "man's"
+    tokenizer.init_kwargs.update(clean_up_tokenization_spaces=True, model_max_length=512)
+    tokenizer.model_max_length = 512
+    return BlipProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def export_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, task: Optional[str] = None,
+                 overwrite: bool = False, heads: Optional[tuple] = None) -> dict:
+    """Write ``checkpoint`` (ours, official, or an HF folder) as a transformers ``save_pretrained`` folder.
+
+    Args:
+        task: 'caption', 'retrieval' or 'vqa'; None infers it from the keys (``models.exportable.infer_task``).
+        heads: (vision, text) attention head counts; None: the checkpoint's config, else 64-wide heads.
+
+    Returns:
+        {'task', 'class', 'dropped': original-layout keys HF's class has no place for (momentum encoders, ...)}.
+
+    Raises:
+        CheckpointError: a key the model needs is missing (named), the task is ambiguous, or no HF class fits.
+    """
+    source = os.fspath(checkpoint)
+    state_dict, config = read_for_export(checkpoint)
+    task = task or infer_task(state_dict, source)
+    if task not in HF_CLASSES:
+        raise CheckpointError(f'--task must be one of {sorted(HF_CLASSES)}, got {task!r}')
+    ours, sizes = build_loaded(task, state_dict, config, source, heads)
+    kept = ours.state_dict()
+    model = _hf_model(task, sizes, kept, source)
+    dropped = sorted(set(state_dict) - set(kept))
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor = hf_processor(sizes['image_size'])
+        processor.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json too, for older transformers
+
+    write_folder(Path(out_dir), write, overwrite)
+    return {'task': task, 'class': HF_CLASSES[task], 'dropped': dropped}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        description='Convert BLIP checkpoints: an HF BLIP checkpoint to the original layout ({"model": state_dict} '
+                    '.pth, loadable by load_checkpoint), or with --to-hf a checkpoint to a transformers folder.')
+    parser.add_argument('src', help='import: save_pretrained folder, .safetensors or .bin; --to-hf: a BLIP checkpoint')
+    parser.add_argument('dst', help='import: output .pth; --to-hf: output folder')
+    parser.add_argument('--to-hf', action='store_true', help='export src to a transformers save_pretrained folder')
+    parser.add_argument('--task', choices=sorted(HF_CLASSES), default=None,
+                        help='--to-hf: which model to write (default: inferred from the keys)')
+    parser.add_argument('--overwrite', action='store_true', help='--to-hf: replace a non-empty dst folder')
+    parser.add_argument('--vit-heads', type=int, default=None,
+                        help="--to-hf: ViT attention heads (default: the checkpoint's config, else width/64)")
+    parser.add_argument('--text-heads', type=int, default=None,
+                        help="--to-hf: text attention heads (default: the checkpoint's config, else width/64)")
+    parser.add_argument('--fp32', action='store_true', help='import: cast floating-point tensors to float32')
     args = parser.parse_args(argv)
-    sd = load_hf_blip(args.src, torch.float32 if args.fp32 else None)
+    try:
+        if args.to_hf:
+            info = export_to_hf(args.src, args.dst, args.task, args.overwrite, (args.vit_heads, args.text_heads))
+            print(f"wrote {info['class']} ({info['task']}) to {args.dst}"
+                  + (f"; {len(info['dropped'])} keys it has no place for left out (e.g. {info['dropped'][:3]})"
+                     if info['dropped'] else ''))
+            return
+        sd = load_hf_blip(args.src, torch.float32 if args.fp32 else None)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f'error: {e}')
     tmp = f'{args.dst}.tmp'
     torch.save({'model': sd}, tmp)
     os.replace(tmp, args.dst)  # never leave a half-written checkpoint behind

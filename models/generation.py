@@ -269,7 +269,8 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
              encoder_attention_mask: Optional[torch.Tensor] = None, *, sample: bool = False, num_beams: int = 1,
              max_length: int = 30, min_length: int = 0, top_p: float = 1.0, top_k: int = 50,
              repetition_penalty: float = 1.0, num_return_sequences: int = 1, eos_token_id: int = 102,
-             pad_token_id: int = 0, use_cache: bool = True, cuda_graph: bool = False) -> torch.Tensor:
+             pad_token_id: int = 0, use_cache: bool = True, cuda_graph: bool = False,
+             step_runner=None) -> torch.Tensor:
     """Decode continuations of ``input_ids`` conditioned on image (or question) states.
 
     Args:
@@ -283,6 +284,10 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
             only). Several times faster on a GPU where eager decoding is launch-bound; off by default. The
             graph and its buffers are kept for later calls with the same shapes (one set per decoder, freed
             by ``decoder.train()`` or ``release_static_decoding``).
+        step_runner: decode with this instead of ``decoder`` (which is then unused): an object with
+            ``logits(ids [R, T]) -> [R, V]`` (fp32, next-token logits; the first call gets the prompt rows, later
+            ones rows one token longer) and ``reorder(rows)``, R = B * beams (or samples), e.g. onnxruntime
+            sessions (``models.onnx_generate``): the same search on another runtime.
 
     Returns:
         [B * num_return_sequences, T] token ids, rows grouped per image, ``[PAD]`` after the end.
@@ -292,24 +297,26 @@ def generate(decoder: MEDLMHeadModel, input_ids: torch.Tensor, encoder_hidden_st
     if sample:
         return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, True,
                                  max_length, min_length, top_k, top_p, repetition_penalty,
-                                 num_return_sequences, eos_token_id, pad_token_id, use_cache, cuda_graph)
+                                 num_return_sequences, eos_token_id, pad_token_id, use_cache, cuda_graph,
+                                 step_runner)
     if num_beams == 1:
         if num_return_sequences != 1:
             raise ValueError('greedy decoding returns one sequence per image; use beams or sampling')
         return _sample_or_greedy(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, False,
                                  max_length, min_length, 0, 1.0, repetition_penalty, 1, eos_token_id,
-                                 pad_token_id, use_cache, cuda_graph)
+                                 pad_token_id, use_cache, cuda_graph, step_runner)
     if num_return_sequences > num_beams:
         raise ValueError(f'num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})')
     return _beam_search(decoder, input_ids, encoder_hidden_states, encoder_attention_mask, num_beams,
                         max_length, min_length, repetition_penalty, num_return_sequences, eos_token_id,
-                        pad_token_id, use_cache, cuda_graph)
+                        pad_token_id, use_cache, cuda_graph, step_runner)
 
 
 def _sample_or_greedy(decoder, input_ids, states, mask, sample, max_length, min_length, top_k, top_p,
-                      repetition_penalty, n, eos, pad, use_cache, cuda_graph=False):
+                      repetition_penalty, n, eos, pad, use_cache, cuda_graph=False, step_runner=None):
     ids = input_ids.repeat_interleave(n, 0)                                # [B*n, P]
-    runner = (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, n, use_cache, max_length)
+    runner = step_runner or (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, n, use_cache,
+                                                                          max_length)
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
     while ids.shape[1] < max_length:
         scores = runner.logits(ids)
@@ -329,7 +336,7 @@ def _sample_or_greedy(decoder, input_ids, states, mask, sample, max_length, min_
 
 
 def _beam_search(decoder, input_ids, states, mask, k, max_length, min_length, repetition_penalty, n_return,
-                 eos, pad, use_cache, cuda_graph=False):
+                 eos, pad, use_cache, cuda_graph=False, step_runner=None):
     B, device = input_ids.shape[0], input_ids.device
     ids = input_ids.repeat_interleave(k, 0)                                # [B*k, P], beams grouped per image
     host_ids = ids.cpu().tolist()
@@ -338,7 +345,8 @@ def _beam_search(decoder, input_ids, states, mask, k, max_length, min_length, re
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(k) for _ in range(B)]
     done = [False] * B
-    runner = (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, k, use_cache, max_length)
+    runner = step_runner or (_GraphedDecoder if cuda_graph else _Decoder)(decoder, states, mask, k, use_cache,
+                                                                          max_length)
     while ids.shape[1] < max_length:
         cur_len = ids.shape[1]
         scores = F.log_softmax(runner.logits(ids), -1)                      # [B*k, V]
