@@ -147,7 +147,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument('--worlds', nargs='+', type=int, default=[8, 32], help='simulated ranks of FSDP')
     p.add_argument('--batch', type=int, default=None, help='per rank; default 64 (pretrain) / 32 (caption), tiny 4')
     p.add_argument('--queue', type=int, default=57600)
-    p.add_argument('--ckpt-layer', type=int, default=None, help='last ViT blocks checkpointed; default half the depth (12 for large, as README)')
+    p.add_argument('--ckpt-layer', type=int, default=None,
+                   help='last ViT blocks checkpointed; default half the depth (12 for large, as README)')
     p.add_argument('--steps', type=int, default=2)
     p.add_argument('--timeout', type=int, default=300, help='seconds per configuration')
     p.add_argument('--json', default=None, help='append results as JSON lines')

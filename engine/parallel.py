@@ -11,8 +11,11 @@ One seam for the runner (``engine.runner.Run``) and nothing else:
 * ``wrap(model, mode, ...)``: the model to train (build the optimizer *after* it: FSDP replaces parameters);
 * ``unwrap`` / ``eval_model``: the module whose methods (``generate``, ``forward`` with other ranks doing
   something else) evaluation calls; under FSDP its weights are gathered whole until ``train_mode``;
-* ``full_state_dict`` / ``full_optimizer_state`` / ``load_full_state``: checkpoints in the one-file layout of
-  the single-process model (original keys, fp32 CPU tensors); collective under FSDP, loadable with any world size.
+* ``full_state_dict`` / ``full_optimizer_state`` / ``load_full_state`` / ``shard_optimizer_state``: checkpoints
+  in the one-file layout of the single-process model (original keys through the model's own state-dict hooks,
+  fp32 CPU tensors); collective under FSDP, loadable with any world size.
+
+Works on the CPU with gloo as on CUDA with NCCL (the tests run FSDP2 on a CPU device mesh).
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import torch.nn as nn
 
 from models.collectives import get_world_size
 
-__all__ = ['PARALLEL_MODES', 'wrap', 'checkpoint_med_layers', 'unwrap', 'is_sharded', 'eval_model', 'train_mode', 'full_state_dict',
-           'full_optimizer_state', 'load_full_state', 'shard_units']
+__all__ = ['PARALLEL_MODES', 'wrap', 'checkpoint_med_layers', 'unwrap', 'is_sharded', 'eval_model', 'train_mode',
+           'full_state_dict', 'full_optimizer_state', 'load_full_state', 'shard_optimizer_state', 'shard_units']
 
 PARALLEL_MODES = ('ddp', 'fsdp')
 

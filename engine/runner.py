@@ -2,8 +2,8 @@
 
 A script is ``Run.start(argv, ConfigClass)`` -> datasets/loaders -> ``run.setup_model(model)`` ->
 ``for epoch in run.epochs(): run.train_epoch(...); evaluate; run.save/log; run.end_epoch(epoch)``.
-Distributed set-up, seeding, the resolved config, AMP, DDP / FSDP (``engine.parallel``), the optimizer, resume and atomic
-checkpoints live here and in the modules it calls, never in the scripts.
+Distributed set-up, seeding, the resolved config, AMP, DDP / FSDP (``engine.parallel``), the optimizer, resume
+and atomic checkpoints live here and in the modules it calls, never in the scripts.
 """
 from __future__ import annotations
 
