@@ -340,23 +340,25 @@ def open_checked(source, limits: DirtLimits, draft_size: Optional[int] = None) -
     ``draft_size``: a JPEG is decoded by libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 size whose
     shorter side is still at least that many pixels (``Image.draft``); None decodes at full size."""
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    try:
-        image = Image.open(fp)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is one kind of dirt
-        raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
-    w, h = image.size
-    if min(w, h) < limits.min_side:
-        raise DirtySample('too_small', f'{w}x{h}')
-    if w * h > limits.max_pixels:
-        raise DirtySample('too_large', f'{w}x{h}')
-    if draft_size and image.format == 'JPEG' and image.mode in ('RGB', 'L'):
-        image.draft(image.mode, (draft_size, draft_size))
     saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None   # web images: as far as they decode
+    # web images decode as far as they go; the size limit is ours (below, from the header), not PIL's bomb check
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None
     try:
-        image.load()
-    except Exception as e:  # noqa: BLE001
-        raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
+        try:
+            image = Image.open(fp)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is one kind of dirt
+            raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
+        w, h = image.size
+        if min(w, h) < limits.min_side:
+            raise DirtySample('too_small', f'{w}x{h}')
+        if w * h > limits.max_pixels:
+            raise DirtySample('too_large', f'{w}x{h}')
+        if draft_size and image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+            image.draft(image.mode, (draft_size, draft_size))
+        try:
+            image.load()
+        except Exception as e:  # noqa: BLE001
+            raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
     return image
@@ -389,6 +391,7 @@ class BatchInfo:
     repeated: int = 0            # pairs of the batch seen before in this epoch (a short stream's padding)
     dirty: dict = field(default_factory=dict)   # kind -> count met while making the batch
     sources: dict = field(default_factory=dict)  # 'shards' / 'lists' -> pairs of the batch
+    ids: list = field(default_factory=list)      # sample ids (shard order, offset) of the batch's pairs
 
 
 class ShardCollate:
@@ -402,7 +405,7 @@ class ShardCollate:
         batch = self.inner(pairs) if self.inner is not None else tuple(torch.utils.data.default_collate(pairs))
         metas = [s[2] for s in samples]
         info = BatchInfo(metas[-1]['logical'], metas[-1]['cursor'], len(samples),
-                         sum(m['repeated'] for m in metas))
+                         sum(m['repeated'] for m in metas), ids=[m['id'] for m in metas])
         for m in metas:
             for k, v in m['dirty'].items():
                 info.dirty[k] = info.dirty.get(k, 0) + v
@@ -486,7 +489,8 @@ class ShardStream(IterableDataset):
 
     def _resume_by_shards(self, state: dict, step: int, workers: int) -> list[str]:
         """Another layout (ranks, workers or batch): the shards that the saved streams finished are done; the others
-        are redone from their start, spread over this layout's streams for the rest of the epoch."""
+        are redone from their start (after the shards not started), spread over this layout's streams for the rest
+        of the epoch."""
         order, first = list(state['order']), int(state['first'])
         old = plan_streams(order, self.counts, state['world_size'], state['workers'], state['batch_size'],
                            state['steps'], first)
@@ -499,7 +503,9 @@ class ShardStream(IterableDataset):
                     seen[shard] += n
         finished = {s for s in order if seen[s] >= self.counts[s]}
         partial = [s for s in order if 0 < seen[s] < self.counts[s]]
-        self.basis = ([s for s in order if s not in finished], step)
+        # shards not yet started first: when the rest of the epoch has fewer steps than the redone shards have
+        # samples (the drop at its end), the pairs left out are ones seen before
+        self.basis = ([s for s in order if seen[s] == 0] + partial, step)
         again = sum(seen[s] for s in partial)
         names = ', '.join(self.shards[s].name() for s in partial[:8]) + (', ...' if len(partial) > 8 else '')
         return [f'shard stream: epoch {self.epoch} was saved with {state["world_size"]} rank(s) x {state["workers"]} '
