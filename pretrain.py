@@ -174,7 +174,10 @@ def build_train_data(run: Run, config: PretrainConfig, collate) -> tuple[DataLoa
     transform, _ = create_transforms(config.image_size, 0.2)
     stream = pretrain_stream(config, transform, run.args.seed, du.get_world_size(), du.get_rank())
     loader = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
-                        pin_memory=torch.cuda.is_available(), collate_fn=ShardCollate(collate))
+                        pin_memory=torch.cuda.is_available(), collate_fn=ShardCollate(collate),
+                        # the workers' seeds from this generator, not a draw from the global RNG that resume restores
+                        # (the stream seeds everything itself)
+                        generator=torch.Generator())
     if run.is_main:
         print(f'train_shards: {len(stream.shards)} shards, {stream.total} samples, {stream.steps} steps per epoch')
     return loader, ShardTracker(run, stream, loader)

@@ -428,15 +428,18 @@ def write_toy_shards(root: str | os.PathLike, shard_size: int = 250, source: str
     return paths
 
 
-def ensure_toy_shards(root: str | os.PathLike, shard_size: int = 250) -> str:
-    """Write the toy web shards unless complete ones (same ``shard_size``) are there; returns their brace pattern."""
+def ensure_toy_shards(root: str | os.PathLike, shard_size: Optional[int] = None) -> str:
+    """Write the toy web shards unless complete ones are there (of ``shard_size`` when given; None accepts any,
+    writing 250 a shard when there are none); returns their brace pattern."""
     root = Path(root)
     marker = root / SHARD_DIR / SHARD_MARKER
     with open(root / '.toy_lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = _marker_params(marker)
-        if found is None or found.get('shard_size') != shard_size:
-            paths = write_toy_shards(root, shard_size)
-            _write_json(marker, {'shard_size': shard_size, 'num_shards': len(paths)})
+        if found is None or shard_size not in (None, found.get('shard_size')):
+            for old in (root / SHARD_DIR).glob('*'):   # shards of another size must not stay in the pattern
+                old.unlink()
+            paths = write_toy_shards(root, shard_size or 250)
+            _write_json(marker, {'shard_size': shard_size or 250, 'num_shards': len(paths)})
             found = _marker_params(marker)
     return toy_shard_pattern(root, found['num_shards'])
