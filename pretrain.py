@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 from data.shards import BatchInfo, ShardCollate, ShardProgress, ShardStream, count_keys, pretrain_stream
 from engine import distributed as du
 from engine.runner import CommonConfig, Run, gather_objects
+from transform import create_transforms
+from transform.fast import create_fast_train_transform, normalize_uint8
 from models.blip_pretrain import TextBatch, TokenizingCollate, blip_pretrain, init_from_pretrained
 
 
@@ -39,7 +41,9 @@ class PretrainConfig(CommonConfig):
     min_image_side: int = 8         # shards: smaller images are skipped (counted)
     max_image_pixels: int = 89478485  # shards: larger images are skipped unread (counted)
     max_caption_chars: int = 2000   # shards: longer captions are skipped (counted)
-    decode_size: int = 0            # shards: JPEGs decoded at a reduced size no smaller than this (0 = full size)
+    # shards: JPEGs decoded at the reduced scale the random crop allows, uint8 batches normalised on the device
+    # (transform.fast: the same random draws as the original pipeline); False = the original pipeline
+    fast_decode: bool = True
     vit: object = 'base'
     vit_grad_ckpt: bool = False
     vit_ckpt_layer: int = 0
@@ -87,11 +91,17 @@ def batch_text(batch) -> object:
     return batch[2] if len(batch) > 2 and isinstance(batch[2], TextBatch) else batch[1]
 
 
+def device_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The batch's images on the device, normalised there when the loader left them uint8 (``fast_decode``)."""
+    images = images.to(device, non_blocking=True)
+    return normalize_uint8(images) if images.dtype == torch.uint8 else images
+
+
 def make_step(config: PretrainConfig, on_batch=None):
     def pretrain_step(model, batch, ctx) -> dict:
         if on_batch is not None and isinstance(batch[-1], BatchInfo):
             on_batch(batch[-1])
-        loss_ita, loss_itm, loss_lm = model(batch[0].to(ctx.device, non_blocking=True), batch_text(batch),
+        loss_ita, loss_itm, loss_lm = model(device_images(batch[0], ctx.device), batch_text(batch),
                                             alpha=distillation_weight(config, ctx))
         return {'loss_ita': loss_ita, 'loss_itm': loss_itm, 'loss_lm': loss_lm}
     return pretrain_step
@@ -115,7 +125,7 @@ def make_graphed_step(config: PretrainConfig, model, optimizer, on_batch=None):
         text = batch_text(batch)
         if not isinstance(text, TextBatch):
             text = model.tokenize(text)
-        return graphed(image=batch[0].to(ctx.device, non_blocking=True),
+        return graphed(image=device_images(batch[0], ctx.device),
                        input_ids=text.input_ids.to(ctx.device, non_blocking=True),
                        attention_mask=text.attention_mask.to(ctx.device, non_blocking=True),
                        alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device))
@@ -170,8 +180,10 @@ def build_train_data(run: Run, config: PretrainConfig, collate) -> tuple[DataLoa
             from data.toy import ensure_toy_dataset, ensure_toy_shards
             ensure_toy_shards(ensure_toy_dataset(config.toy_root, exact=False))
         du.barrier()
-    from transform import create_transforms
-    transform, _ = create_transforms(config.image_size, 0.2)
+    if config.fast_decode:
+        transform = create_fast_train_transform(config.image_size, 0.2)
+    else:
+        transform, _ = create_transforms(config.image_size, 0.2)
     stream = pretrain_stream(config, transform, run.args.seed, du.get_world_size(), du.get_rank())
     loader = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
                         pin_memory=torch.cuda.is_available(), collate_fn=ShardCollate(collate),

@@ -334,16 +334,26 @@ def to_rgb(image: Image.Image, counts: Optional[dict] = None) -> Image.Image:
     return Image.alpha_composite(background, image).convert('RGB')
 
 
-def open_checked(source, limits: DirtLimits, draft_size: Optional[int] = None) -> Image.Image:
-    """Open an image (a path or bytes), refuse tiny and huge ones from the header alone, decode it fully.
-
-    ``draft_size``: a JPEG is decoded by libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 size whose
-    shorter side is still at least that many pixels (``Image.draft``); None decodes at full size."""
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+@contextmanager
+def lenient_pil() -> Iterator[None]:
+    """Web images decode as far as they go (truncated files), and the size limit is ours (from the header, in
+    :func:`open_checked`), not PIL's decompression-bomb check; restored afterwards."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-    # web images decode as far as they go; the size limit is ours (below, from the header), not PIL's bomb check
     ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None
     try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def open_checked(source, limits: DirtLimits, load: bool = True) -> Image.Image:
+    """Open an image (a path or bytes), refuse tiny and huge ones from the header alone, decode it fully (unless
+    ``load`` is False: a transform with ``decodes`` then decodes it, e.g. at a reduced JPEG scale)."""
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with lenient_pil():
         try:
             image = Image.open(fp)
         except Exception as e:  # noqa: BLE001 - any decoder failure is one kind of dirt
@@ -353,15 +363,21 @@ def open_checked(source, limits: DirtLimits, draft_size: Optional[int] = None) -
             raise DirtySample('too_small', f'{w}x{h}')
         if w * h > limits.max_pixels:
             raise DirtySample('too_large', f'{w}x{h}')
-        if draft_size and image.format == 'JPEG' and image.mode in ('RGB', 'L'):
-            image.draft(image.mode, (draft_size, draft_size))
-        try:
-            image.load()
-        except Exception as e:  # noqa: BLE001
-            raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+        if load:
+            try:
+                image.load()
+            except Exception as e:  # noqa: BLE001
+                raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
     return image
+
+
+def transform_decoding(transform: Callable, image: Image.Image):
+    """``transform(image)`` for an image it decodes itself: decoder failures are dirt, not crashes."""
+    with lenient_pil():
+        try:
+            return transform(image)
+        except DECODE_ERRORS as e:
+            raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
 
 
 def check_caption(raw, limits: DirtLimits, max_words: int) -> str:
@@ -426,19 +442,19 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples in each worker's shuffle buffer.
         limits: what a trainable pair is.
         max_words: caption words kept.
-        draft_size: JPEG decoding at a reduced size (see :func:`open_checked`); None = full size.
+        (a ``transform`` with ``decodes = True`` gets JPEGs undecoded, see :mod:`transform.fast`)
     """
 
     def __init__(self, shards: Sequence[Shard], transform: Callable, batch_size: int, world_size: int = 1,
                  rank: int = 0, seed: int = 0, annotation=None, image_root: str = '', shuffle_buffer: int = 1000,
-                 limits: DirtLimits = DirtLimits(), max_words: int = 30, draft_size: Optional[int] = None):
+                 limits: DirtLimits = DirtLimits(), max_words: int = 30):
         self.shards = list(shards)
         self.counts = [s.count for s in self.shards]
         self.first_id = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
         self.transform, self.batch_size = transform, batch_size
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.annotation, self.image_root = annotation, image_root
-        self.shuffle_buffer, self.limits, self.max_words, self.draft_size = shuffle_buffer, limits, max_words, draft_size
+        self.shuffle_buffer, self.limits, self.max_words = shuffle_buffer, limits, max_words
         self.total = sum(self.counts)
         self.steps = steps_per_epoch(self.total, world_size, batch_size)
         if self.steps == 0:
@@ -550,8 +566,12 @@ class ShardStream(IterableDataset):
             shard, offset, raw = reader.get(int(order[cursor % n]))
             cursor += 1
             counts: dict[str, int] = {}
+            sample_id = self.first_id[shard] + offset
             try:
                 image, caption = self._decode(shard, offset, raw, counts)
+                with seeded_augmentation(self.seed, self.epoch, sample_id):
+                    tensor = transform_decoding(self.transform, image) if getattr(self.transform, 'decodes', False) \
+                        else self.transform(image)
             except DirtySample as e:
                 if first_pass:
                     dirty[e.kind] = dirty.get(e.kind, 0) + 1
@@ -559,9 +579,6 @@ class ShardStream(IterableDataset):
             if first_pass:
                 for k, v in counts.items():
                     dirty[k] = dirty.get(k, 0) + v
-            sample_id = self.first_id[shard] + offset
-            with seeded_augmentation(self.seed, self.epoch, sample_id):
-                tensor = self.transform(image)
             good_in_pass += 1
             made += 1
             meta = {'logical': logical, 'cursor': cursor, 'repeated': int(not first_pass), 'dirty': dirty,
@@ -578,7 +595,6 @@ class ShardStream(IterableDataset):
             data = tar_image_bytes(raw)
             if data is None:
                 raise DirtySample('no_image', f'{spec.name()} {raw.get("__key__")}')
-            image = open_checked(data, self.limits, self.draft_size)
         else:
             caption = check_caption(raw.get('caption'), self.limits, self.max_words)
             path = raw.get('image') or raw.get('url') or ''
@@ -590,7 +606,19 @@ class ShardStream(IterableDataset):
                     data = f.read()
             except OSError as e:
                 raise DirtySample('no_image', f'{path}: {e}') from None
-            image = open_checked(data, self.limits, self.draft_size)
+        if getattr(self.transform, 'decodes', False):   # the transform decodes JPEGs at a reduced scale itself
+            image = open_checked(data, self.limits, load=False)
+            if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+                if image.mode == 'L':
+                    counts['grey'] = counts.get('grey', 0) + 1
+                return image, caption
+            with lenient_pil():
+                try:
+                    image.load()
+                except Exception as e:  # noqa: BLE001
+                    raise DirtySample('undecodable', f'{type(e).__name__}: {e}') from None
+        else:
+            image = open_checked(data, self.limits)
         return to_rgb(image, counts), caption
 
 
@@ -695,5 +723,4 @@ def pretrain_stream(config, transform: Callable, seed: int, world_size: int, ran
     limits = DirtLimits(config.get('min_image_side', 8), config.get('max_image_pixels', 89_478_485),
                         config.get('max_caption_chars', 2000))
     return ShardStream(shards, transform, config['batch_size'], world_size, rank, seed, annotation,
-                       config.get('image_root', ''), config.get('shuffle_buffer', 1000), limits,
-                       draft_size=config.get('decode_size', 0) or None)
+                       config.get('image_root', ''), config.get('shuffle_buffer', 1000), limits)
