@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -80,8 +81,15 @@ def transform_for(pipeline: str, impl: str):
     return create_fast_train_transform(size, min_scale) if impl == 'fast' else create_transforms(size, min_scale)[0]
 
 
-def time_transform(urls: list[str], pipeline: str, impl: str, n: int) -> float:
-    """decode + transform of ``n`` images in this process (one thread): images/s."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader's workers once joined): on a shared host
+    images per CPU-second is the per-core rate, where wall-clock rates depend on the neighbours."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_transform(urls: list[str], pipeline: str, impl: str, n: int) -> tuple[float, float]:
+    """decode + transform of ``n`` images in this process (one thread): (images/s, images per CPU-second)."""
     from data.shards import iter_tar_samples
 
     blobs = [s['jpg'] for u in urls for s in iter_tar_samples(u)][:n]
@@ -90,22 +98,24 @@ def time_transform(urls: list[str], pipeline: str, impl: str, n: int) -> float:
     np.random.seed(0)
     for data in blobs[:8]:   # warm-up
         transform(Image.open(io.BytesIO(data)) if impl == 'fast' else Image.open(io.BytesIO(data)).convert('RGB'))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for data in blobs:
         image = Image.open(io.BytesIO(data))
         transform(image if impl == 'fast' else image.convert('RGB'))
-    return len(blobs) / (time.perf_counter() - start)
+    return len(blobs) / (time.perf_counter() - start), len(blobs) / (cpu_seconds() - cpu)
 
 
-def time_loader(urls: list[str], pipeline: str, impl: str, workers: int, batch: int) -> float:
+def time_loader(urls: list[str], pipeline: str, impl: str, workers: int, batch: int) -> tuple[float, float]:
     """The real ShardStream through a DataLoader with ``workers`` processes: images/s over the epoch after the
-    first batch of every worker."""
+    first batch of every worker, and images per CPU-second of the main process and the workers over the whole
+    epoch (worker start-up included)."""
     shards = [Shard(u, shard_count(u)) for u in urls]
     stream = ShardStream(shards, transform_for(pipeline, impl), batch, seed=0, shuffle_buffer=256)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, drop_last=True,
                                          collate_fn=ShardCollate(), pin_memory=torch.cuda.is_available(),
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
     stream.start_at_step(0, max(1, workers))
+    cpu = cpu_seconds()
     it = iter(loader)
     warm = max(1, workers)
     for _ in range(warm):
@@ -113,7 +123,9 @@ def time_loader(urls: list[str], pipeline: str, impl: str, workers: int, batch: 
     start, images = time.perf_counter(), 0
     for _, batch_data in zip(range(stream.steps - warm), it):
         images += batch_data[0].shape[0]
-    return images / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    del it   # joins the workers, whose CPU time then counts in RUSAGE_CHILDREN
+    return images / wall, (images + warm * batch) / (cpu_seconds() - cpu)
 
 
 def time_gpu_decode(urls: list[str], pipeline: str, batch: int) -> float:
@@ -161,15 +173,16 @@ def main() -> None:
             urls = write_shards(Path(tmp), width, height, args.images)
             for pipeline in PIPELINES:
                 for impl in ('original', 'fast'):
-                    rate = time_transform(urls, pipeline, impl, min(args.images, 256))
+                    rate, per_cpu = time_transform(urls, pipeline, impl, min(args.images, 256))
                     records.append({'jpeg': size, 'pipeline': pipeline, 'impl': impl, 'what': 'transform',
-                                    'workers': 1, 'img_per_s': round(rate, 1), 'img_per_s_per_core': round(rate, 1)})
+                                    'workers': 1, 'img_per_s': round(rate, 1), 'img_per_cpu_s': round(per_cpu, 1)})
                     print(json.dumps(records[-1]), flush=True)
                     for workers in args.workers:
-                        rate = time_loader(urls, pipeline, impl, workers, args.batch)
+                        rate, per_cpu = time_loader(urls, pipeline, impl, workers, args.batch)
                         records.append({'jpeg': size, 'pipeline': pipeline, 'impl': impl, 'what': 'loader',
                                         'workers': workers, 'img_per_s': round(rate, 1),
-                                        'img_per_s_per_core': round(rate / max(1, workers), 1)})
+                                        'img_per_s_per_worker': round(rate / max(1, workers), 1),
+                                        'img_per_cpu_s': round(per_cpu, 1)})
                         print(json.dumps(records[-1]), flush=True)
                 if args.gpu and torch.cuda.is_available():
                     rate = time_gpu_decode(urls, pipeline, args.batch)

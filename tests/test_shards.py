@@ -315,3 +315,24 @@ def test_killed_run_with_workers_resumes_to_the_same_weights(toy, tmp_path, sour
     assert not different, f'{len(different)} tensors differ after resume, e.g. {different[:3]}'
     logs = [[json.loads(line) for line in (out / 'log.txt').read_text().splitlines()] for out in (straight, killed)]
     assert logs[0] == logs[1] and logs[0][0]['train_samples'] == N_WEB
+
+
+def test_readme_shard_command_trains_on_the_toy_shards(tmp_path, monkeypatch):
+    """The README's toy shard command, run from a fresh folder (on a small complete toy dataset there): the web
+    pairs come from the shards, the human pairs from the JSON list, in one epoch."""
+    import shlex
+
+    import pretrain
+
+    line = next(l for l in (ROOT / 'README.md').read_text().splitlines()
+                if l.startswith('python pretrain.py') and 'pretrain_shards.yaml' in l)
+    argv = shlex.split(line)[2:]
+    argv[argv.index('--config') + 1] = str(ROOT / argv[argv.index('--config') + 1])
+    monkeypatch.chdir(tmp_path)
+    ensure_toy_dataset('output/toy_data', n_train=4, n_val=2, n_test=2, n_web=24, n_videos=2, video_frames=2)
+    ensure_toy_shards('output/toy_data', shard_size=6)   # the 4 shards the config names
+    stats = pretrain.main([*argv, '--device', 'cpu', '--options', 'max_epoch=1', 'image_size=32', 'batch_size=8',
+                           'queue_size=16', 'num_workers=0', f'med_config={ROOT}/configs/toy/med_config.json'])
+    assert stats['train_samples'] == 40 and stats['train_samples_shards'] + stats['train_samples_lists'] == 40
+    assert stats['train_samples_shards'] > 0 and stats['train_samples_lists'] > 0
+    assert (tmp_path / 'output' / 'toy_pretrain_shards' / 'checkpoint_00.pth').is_file()
