@@ -166,13 +166,13 @@ class ShardTracker:
                                             'counts': self.totals()}
 
 
-def build_train_data(run: Run, config: PretrainConfig, collate) -> tuple[DataLoader, Optional[ShardTracker]]:
-    """The training loader: a shard stream when ``train_shards`` is set, else the original's JSON-list dataset."""
+def build_train_set(run: Run, config: PretrainConfig):
+    """A shard stream when ``train_shards`` is set, else the original's JSON-list dataset (built before the model:
+    the toy data is written here on first use)."""
     if not config.train_shards:
         train_set = run.datasets('pretrain', min_scale=0.2)
         train_set.seed = run.args.seed   # per-sample augmentation seeds (data.shards.seeded_augmentation)
-        (loader,) = run.loaders([train_set], [True], [config.batch_size], [collate])
-        return loader, None
+        return train_set
     if config.laion_path:
         raise ValueError(f'{run.args.config}: laion_path and train_shards: give the LAION shards in train_shards')
     if config.toy_root:
@@ -185,14 +185,22 @@ def build_train_data(run: Run, config: PretrainConfig, collate) -> tuple[DataLoa
     else:
         transform, _ = create_transforms(config.image_size, 0.2)
     stream = pretrain_stream(config, transform, run.args.seed, du.get_world_size(), du.get_rank())
-    loader = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
+    if run.is_main:
+        print(f'train_shards: {len(stream.shards)} shards, {stream.total} samples, {stream.steps} steps per epoch')
+    return stream
+
+
+def build_train_loader(run: Run, config: PretrainConfig, train_set, collate) -> tuple[DataLoader,
+                                                                                     Optional[ShardTracker]]:
+    if not isinstance(train_set, ShardStream):
+        (loader,) = run.loaders([train_set], [True], [config.batch_size], [collate])
+        return loader, None
+    loader = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
                         pin_memory=torch.cuda.is_available(), collate_fn=ShardCollate(collate),
                         # the workers' seeds from this generator, not a draw from the global RNG that resume restores
                         # (the stream seeds everything itself)
                         generator=torch.Generator())
-    if run.is_main:
-        print(f'train_shards: {len(stream.shards)} shards, {stream.total} samples, {stream.steps} steps per epoch')
-    return loader, ShardTracker(run, stream, loader)
+    return loader, ShardTracker(run, train_set, loader)
 
 
 def data_stats(tracker: Optional[ShardTracker], loader) -> dict:
@@ -205,12 +213,12 @@ def data_stats(tracker: Optional[ShardTracker], loader) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, PretrainConfig, description=__doc__)
     config = run.config
+    train_set = build_train_set(run, config)
     model = blip_pretrain(image_size=config.image_size, vit=config.vit, vit_grad_ckpt=config.vit_grad_ckpt,
                           vit_ckpt_layer=config.vit_ckpt_layer, queue_size=config.queue_size, momentum=config.momentum,
                           med_config=config.med_config)
     # not in the original: captions are tokenised in the loader's workers, not between two training steps
-    train_loader, tracker = build_train_data(run, config, TokenizingCollate(model.tokenizer))
-    train_set = train_loader.dataset
+    train_loader, tracker = build_train_loader(run, config, train_set, TokenizingCollate(model.tokenizer))
     if config.init_vit or config.init_text:
         init_from_pretrained(model, vit_source=config.init_vit or None, bert_source=config.init_text or None)
     run.setup_model(model)
