@@ -10,8 +10,8 @@ import os
 from typing import Callable, Optional, Sequence, Union
 
 from data.ann_index import AnnotationIndex, ConcatIndex
-from data.shards import seeded_augmentation
 from data.loading import BadSampleError, RobustDataset, check_entry, join_root, load_image
+from data.shards import seeded_augmentation
 from data.utils import pre_caption
 
 

@@ -13,7 +13,10 @@ import capfilt
 import capfilt_shards
 import pretrain
 from data.shards import expand_shard_urls, iter_tar_samples, shard_count
-from tests.test_capfilt import N_WEB, one_thread, setup, write_yaml  # noqa: F401 - fixtures
+import tests.test_capfilt as base
+
+N_WEB = base.N_WEB
+setup, one_thread = base.setup, base.one_thread   # the CapFilt tests' fixtures: tiny models, web pairs, config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,11 +21,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data.pretrain_dataset import pretrain_dataset
+from data.pretrain_dataset import load_annotation_index, pretrain_dataset
 from data.shards import (DirtLimits, Shard, ShardCollate, ShardProgress, ShardStream, buffer_order, expand_shard_urls,
                          json_shards, shard_count, to_rgb)
 from data.toy import ensure_toy_dataset, ensure_toy_shards
-from data.pretrain_dataset import load_annotation_index
 from transform import create_transforms
 
 N_WEB = 24
@@ -324,8 +323,8 @@ def test_readme_shard_command_trains_on_the_toy_shards(tmp_path, monkeypatch):
 
     import pretrain
 
-    line = next(l for l in (ROOT / 'README.md').read_text().splitlines()
-                if l.startswith('python pretrain.py') and 'pretrain_shards.yaml' in l)
+    line = next(text for text in (ROOT / 'README.md').read_text().splitlines()
+                if text.startswith('python pretrain.py') and 'pretrain_shards.yaml' in text)
     argv = shlex.split(line)[2:]
     argv[argv.index('--config') + 1] = str(ROOT / argv[argv.index('--config') + 1])
     monkeypatch.chdir(tmp_path)
