@@ -84,7 +84,8 @@ def test_resumes_per_input_shard_and_remerges_a_new_threshold(setup, shards, sha
     run(setup, shards, again, 'threshold=0.0')
     assert done == [1]
     for u in range(3):
-        assert (again / 'web_shards' / f'{u:05d}.tar').read_bytes() == (out / 'web_shards' / f'{u:05d}.tar').read_bytes()
+        name = f'web_shards/{u:05d}.tar'
+        assert (again / name).read_bytes() == (out / name).read_bytes()
     # threshold 1: no model work, every output shard rewritten empty
     done.clear()
     strict = run(setup, shards, again, 'threshold=1.0')
