@@ -15,6 +15,11 @@ them in order, so the output does not depend on the number of ranks or on interr
 shards hold scores, ``threshold`` and ``keep`` can be changed and the output re-merged without
 re-running the models. Unreadable images are counted and listed in the summary, never fatal.
 
+Web pairs given as webdataset tar shards (``ann_shards``, img2dataset's layout) are worked on one input shard at
+a time (the unit of resume), and the kept pairs are written as new tar shards ``web_shards/NNNNN.tar`` (same
+keys, ``KEY_j`` for the j-th kept caption of image KEY, the image bytes copied) that ``pretrain.py`` reads as
+``train_shards``; ``output_file`` then holds the human pairs only (``train_file``). See :mod:`capfilt_shards`.
+
 Outputs in ``--output_dir``: ``output_file`` (the new annotation list), ``capfilt_summary.json``
 (counts, score histograms, throughput), ``capfilt_report.html`` (a Figure-4-like page of examples),
 ``shards/`` (the per-shard scores) and ``config.yaml``.
@@ -67,6 +72,7 @@ SHARD_KEYS = ('ann_file', 'image_root', 'captioner', 'filter', 'vit', 'image_siz
 @dataclass
 class CapFiltConfig(CommonConfig):
     ann_file: list = field(default_factory=list)        # web pairs: JSON lists or JSON lines
+    ann_shards: list = field(default_factory=list)      # or web pairs as webdataset tar shards (brace patterns)
     human_ann_file: list = field(default_factory=list)  # human-annotated pairs, copied to the output
     image_root: str = ''                                 # prefix of relative image paths (both lists)
     captioner: str = ''                                  # checkpoint (path or URL) of a BLIP_Decoder
@@ -115,8 +121,10 @@ def validate(config: CapFiltConfig, source: str) -> None:
     for key, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f'{source}: {key} must be one of {allowed}, got {value!r}')
-    if not config.ann_file:
-        raise ConfigError(f'{source}: ann_file must name at least one annotation file')
+    if not config.ann_file and not config.ann_shards:
+        raise ConfigError(f'{source}: ann_file (or ann_shards) must name at least one annotation file (shard)')
+    if config.ann_file and config.ann_shards:
+        raise ConfigError(f'{source}: give the web pairs as ann_file or as ann_shards, not both')
     if not config.filter:
         raise ConfigError(f'{source}: filter must name a retrieval/ITM checkpoint')
     if config.keep != 'web' and not config.captioner:
@@ -487,7 +495,8 @@ def write_html_report(path: Path, samples: list[tuple[dict, dict]], config: CapF
     """A page like the paper's Figure 4: each image with its web caption and synthetic captions."""
     rows = []
     for entry, r in samples:
-        src = thumbnail_data_uri(join_root(config.image_root, image_path(entry).removeprefix('file://')))
+        src = entry.get('thumbnail') or thumbnail_data_uri(join_root(config.image_root,
+                                                                      image_path(entry).removeprefix('file://')))
         img = (f'<img src="{src}" alt="{html.escape(image_path(entry))}">' if src
                else f'<span class="missing">{html.escape(image_path(entry))} (unreadable)</span>')
         # marked as the output has them: score, keep mode and duplicates (kept_captions keeps this order)
@@ -572,6 +581,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         from data.toy import ensure_toy_dataset  # file-locked: concurrent ranks wait for the first
         ensure_toy_dataset(config.toy_root, exact=False)
     start = time.time()
+    if config.ann_shards:
+        return main_over_tar_shards(config, args, rank, world, device, amp_dtype, output_dir, start)
     entries = load_annotation_index(config.ann_file)
     check_inputs(config, entries, args.config)
     num_shards = (len(entries) + config.shard_size - 1) // config.shard_size
@@ -613,6 +624,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}), flush=True)
     return summary
+
+
+def main_over_tar_shards(config: CapFiltConfig, args, rank: int, world: int, device, amp_dtype, output_dir: Path,
+                         start: float) -> dict:
+    """``ann_shards``: the run over webdataset tar shards (:mod:`capfilt_shards`)."""
+    from capfilt_shards import run_over_tar_shards
+    return run_over_tar_shards(config, args, rank, world, device, amp_dtype, output_dir, start)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from data.ann_index import AnnotationIndex, ConcatIndex
 from data.loading import BadSampleError, RobustDataset, check_entry, join_root, load_image
+from data.shards import seeded_augmentation
 from data.utils import pre_caption
 
 
@@ -64,6 +65,12 @@ class pretrain_dataset(RobustDataset):
             if not self.laion_files:
                 raise FileNotFoundError(f'laion_path {laion_path} holds no *.json / *.jsonl shard files')
         self.reload_laion(0)
+        # the augmentation of entry i in epoch e is seeded by (seed, e, i): the same draws whichever loader worker
+        # reads it and however many samples that worker read before, so a resumed run continues exactly
+        self.seed, self.epoch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def reload_laion(self, epoch: int) -> None:
         """Use LAION shard ``epoch % len(laion_files)`` together with the fixed pretraining files."""
@@ -88,4 +95,5 @@ class pretrain_dataset(RobustDataset):
         # as in the original, web images that are truncated or huge are decoded as far as they go (the original
         # set this for every dataset in the process; here it is local to pretraining reads)
         image = load_image(join_root(self.image_root, path.removeprefix('file://')), local, source, lenient=True)
-        return self.transform(image), pre_caption(ann['caption'], self.max_words)
+        with seeded_augmentation(self.seed, self.epoch, index):
+            return self.transform(image), pre_caption(ann['caption'], self.max_words)

@@ -385,3 +385,61 @@ def _marker_params(marker: Path) -> Optional[dict]:
         return json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------------------------------ web shards
+
+SHARD_DIR = 'shards'
+SHARD_MARKER = '.shards_complete.json'
+
+
+def toy_shard_pattern(root: str | os.PathLike, num_shards: int) -> str:
+    """The brace pattern naming the toy web shards, e.g. ``ROOT/shards/{00000..00003}.tar``."""
+    return f'{Path(root) / SHARD_DIR}/{{00000..{num_shards - 1:05d}}}.tar'
+
+
+def write_toy_shards(root: str | os.PathLike, shard_size: int = 250, source: str = 'pretrain_noisy.json') -> list[Path]:
+    """The toy web pairs (``annotation/pretrain_noisy.json``, in its order) as img2dataset-style webdataset shards
+    ``shards/NNNNN.tar`` (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) with ``NNNNN_stats.json`` beside each; the JPEG
+    bytes are the image files' own. Byte-identical for the same input (member times are 0)."""
+    import webdataset as wds
+
+    root = Path(root)
+    entries = json.loads((root / 'annotation' / source).read_text())
+    folder = root / SHARD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, start in enumerate(range(0, len(entries), shard_size)):
+        part = entries[start:start + shard_size]
+        path = folder / f'{number:05d}.tar'
+        tmp = path.with_name(path.name + '.tmp')
+        with open(tmp, 'wb') as f:
+            writer = wds.TarWriter(f, mtime=0, encoder=False)
+            for k, entry in enumerate(part):
+                key = f'{number:05d}{k:04d}'
+                writer.write({'__key__': key, 'jpg': (root / 'images' / entry['image']).read_bytes(),
+                              'txt': entry['caption'].encode(),
+                              'json': json.dumps({'key': key, 'caption': entry['caption'],
+                                                  'url': entry['image']}).encode()})
+            writer.close()
+        os.replace(tmp, path)
+        _write_json(folder / f'{number:05d}_stats.json', {'count': len(part), 'successes': len(part)})
+        paths.append(path)
+    return paths
+
+
+def ensure_toy_shards(root: str | os.PathLike, shard_size: Optional[int] = None) -> str:
+    """Write the toy web shards unless complete ones are there (of ``shard_size`` when given; None accepts any,
+    writing 250 a shard when there are none); returns their brace pattern."""
+    root = Path(root)
+    marker = root / SHARD_DIR / SHARD_MARKER
+    with open(root / '.toy_lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _marker_params(marker)
+        if found is None or shard_size not in (None, found.get('shard_size')):
+            for old in (root / SHARD_DIR).glob('*'):   # shards of another size must not stay in the pattern
+                old.unlink()
+            paths = write_toy_shards(root, shard_size or 250)
+            _write_json(marker, {'shard_size': shard_size or 250, 'num_shards': len(paths)})
+            found = _marker_params(marker)
+    return toy_shard_pattern(root, found['num_shards'])

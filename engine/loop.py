@@ -56,6 +56,11 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 def _batches_from(loader, start_step: int):
     """Iterator over the loader's batches from ``start_step`` on, skipping in the sampler when possible."""
+    if hasattr(loader.dataset, 'start_at_step'):  # a stream that positions its workers itself (data.shards)
+        for line in loader.dataset.start_at_step(start_step, max(1, loader.num_workers)):
+            if du.is_main_process():
+                print(line)
+        return iter(loader)
     if start_step == 0:
         return iter(loader)
     if isinstance(loader.sampler, ResumableSampler):

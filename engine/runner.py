@@ -153,6 +153,9 @@ class Run:
         self.progress: dict = {}  # best score / epoch: saved in every checkpoint, restored by --resume
         self._samplers: dict[int, object] = {}
         self._pending_saves: list[tuple[str, int]] = []  # FSDP: save() requests written at end_epoch / finish
+        # called on every rank (collective allowed) before a resume point is saved, with its (epoch, step): data
+        # sources that keep their own position put it into self.progress there (data.shards)
+        self.resume_hooks: list[Callable[[tuple[int, int]], None]] = []
 
     @classmethod
     def start(cls, argv: Optional[Sequence[str]], schema: type, description: str = '') -> 'Run':
@@ -388,6 +391,8 @@ class Run:
     def save_resume_point(self, epoch: int, resume: tuple[int, int]) -> None:
         """``checkpoint_last.pth`` continuing at ``resume`` = (epoch, step). Collective: every rank's RNG
         state is gathered so a resumed multi-process run continues each rank's random stream."""
+        for hook in self.resume_hooks:
+            hook(resume)
         rng = gather_objects([capture_rng_state()])
         states = self._gathered_states()
         if self.is_main:

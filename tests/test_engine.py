@@ -35,7 +35,8 @@ ORIGINAL_CONFIGS = {  # every original YAML, unchanged, loads into its script's 
     'vqa.yaml': ('train_vqa', 'VQAConfig'),
     'nlvr.yaml': ('train_nlvr', 'NLVRConfig'),
 }
-TOY_CONFIGS = {'pretrain.yaml': 'pretrain', 'caption.yaml': 'train_caption', 'nocaps.yaml': 'eval_nocaps',
+TOY_CONFIGS = {'pretrain.yaml': 'pretrain', 'pretrain_shards.yaml': 'pretrain', 'caption.yaml': 'train_caption',
+               'nocaps.yaml': 'eval_nocaps',
                'retrieval.yaml': 'train_retrieval', 'retrieval_video.yaml': 'eval_retrieval_video',
                'vqa.yaml': 'train_vqa', 'nlvr.yaml': 'train_nlvr'}
 
