@@ -46,6 +46,7 @@ from tqdm import tqdm
 from data.loading import join_root
 from data.pretrain_dataset import load_annotation_index
 from data.utils import pre_caption
+from engine.atomic import atomic_write_with
 from engine.config import CommonConfig, ConfigError, add_common_args, load_config, save_config
 from engine.distributed import read_dist_env
 from engine.loop import AMP_DTYPES
@@ -271,17 +272,7 @@ def shard_path(output_dir: Path, shard: int) -> Path:
 
 def write_atomic(path: Path, write) -> None:
     """Write through ``write(file)`` into a temporary file, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_with(path, write, binary=False)
 
 
 def write_json_atomic(path: Path, obj) -> None:

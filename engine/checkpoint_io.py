@@ -7,7 +7,6 @@ tensors/ints so that ``torch.load(weights_only=True)`` accepts the file).
 """
 from __future__ import annotations
 
-import glob
 import os
 import random
 import re
@@ -17,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.atomic import atomic_write_with
 from models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
@@ -50,26 +50,10 @@ def restore_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any moment leaves either the previous file or the new one, never a torn file. Temporary
-    files that an earlier, killed writer left behind (GBs for a pretraining checkpoint) are removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    for stale in path.parent.glob(f'.{glob.escape(path.name)}.tmp*'):
-        stale.unlink(missing_ok=True)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """``torch.save`` through ``engine.atomic.atomic_write``: a crash at any moment leaves either the previous file
+    or the new one; a temporary file that a killed writer on this host left behind (GBs for a pretraining
+    checkpoint) is removed, another live writer's never."""
+    return atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 class NonFiniteWeightsError(FloatingPointError):

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional
 
 from ruamel.yaml import YAML
 
+from engine.atomic import atomic_write_text
+
 __all__ = ['CommonConfig', 'ConfigError', 'add_common_args', 'load_config', 'save_config', 'str2bool']
 
 
@@ -215,7 +217,4 @@ def save_config(config, output_dir: str | os.PathLike, name: str = 'config.yaml'
     yaml = YAML(typ='safe', pure=True)
     yaml.default_flow_style = False
     yaml.dump(data, buf)
-    tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, buf.getvalue())

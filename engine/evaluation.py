@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.utils import open_temp_beside
+from engine.atomic import atomic_write
 from engine import distributed as du
 
 __all__ = ['save_result', 'coco_caption_eval', 'CAPTION_SCORERS', 'OPTIONAL_CAPTION_METRICS',
@@ -59,15 +59,8 @@ FILL = -100.0          # score of a pair that is not among a query's top-k candi
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    f, tmp = open_temp_beside(path, binary=False)
-    try:
-        with f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, binary=False) as f:
+        json.dump(obj, f)
 
 
 def _drop_duplicates(entries: list, key: str) -> list:

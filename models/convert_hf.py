@@ -50,6 +50,8 @@ from typing import Mapping, Union
 
 import torch
 
+from engine.atomic import atomic_write_with
+
 # (HF substring, original substring), applied in order to vision keys only. ``blip_to_hf`` applies the
 # same pairs reversed. Every vision key of either layout matches exactly one prefix rule below.
 VISION_SWAPS: list[tuple[str, str]] = [
@@ -223,9 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument('--fp32', action='store_true', help='cast floating-point tensors to float32')
     args = parser.parse_args(argv)
     sd = load_hf_blip(args.src, torch.float32 if args.fp32 else None)
-    tmp = f'{args.dst}.tmp'
-    torch.save({'model': sd}, tmp)
-    os.replace(tmp, args.dst)  # never leave a half-written checkpoint behind
+    atomic_write_with(args.dst, lambda f: torch.save({'model': sd}, f))  # never a half-written checkpoint
     print(f'wrote {len(sd)} tensors to {args.dst}')
 
 

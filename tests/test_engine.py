@@ -7,6 +7,8 @@ import os
 import pickle
 import random
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,12 +448,43 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert find_latest_checkpoint(tmp_path) == path
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
 def test_temporary_file_of_a_killed_writer_is_removed_by_the_next_save(tmp_path):
+    from engine.atomic import _HOST
     path, _, _ = _ckpt(tmp_path, name='checkpoint_last.pth')
-    (tmp_path / '.checkpoint_last.pth.tmp4242').write_bytes(b'x' * 1000)   # SIGKILL mid-write leaves this
-    (tmp_path / '.other.pth.tmp4242').write_bytes(b'x')                     # another file's: not touched
+    dead = f'.checkpoint_last.pth.{_HOST}.{_dead_pid()}.0a0a0a0a.tmp'
+    (tmp_path / dead).write_bytes(b'x' * 1000)                                  # SIGKILL mid-write leaves this
+    (tmp_path / f'.other.pth.{_HOST}.{_dead_pid()}.0b0b0b0b.tmp').write_bytes(b'x')  # another file's: not touched
     _ckpt(tmp_path, name='checkpoint_last.pth')
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['.other.pth.tmp4242', 'checkpoint_last.pth']
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in tmp_path.glob('.other*')]
+                                                                + ['checkpoint_last.pth'])
+
+
+def test_a_live_writers_temporary_file_is_never_removed_by_another_writer(tmp_path):
+    """Two processes writing the same checkpoint: the old code named temp files by pid and deleted every
+    ``.checkpoint_last.pth.tmp*`` before writing, so one writer's rename failed with FileNotFoundError."""
+    from engine.atomic import atomic_write, temp_path
+    path = tmp_path / 'checkpoint_last.pth'
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        from engine import atomic
+        theirs = tmp_path / f'.checkpoint_last.pth.{atomic._HOST}.{live.pid}.0c0c0c0c.tmp'
+        theirs.write_bytes(b'half of their checkpoint')
+        atomic_torch_save({'model': {}}, path)
+        assert theirs.exists() and path.exists()
+        assert temp_path(path) != temp_path(path)  # every write its own name, even in one process
+        with pytest.raises(RuntimeError), atomic_write(path) as f:  # a failed write removes only its own file
+            f.write(b'x')
+            raise RuntimeError
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, path.name])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):
