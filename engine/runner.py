@@ -21,6 +21,7 @@ from data import create_dataset, create_loader, create_sampler
 from engine import distributed as du
 from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
 from engine.config import CommonConfig, ConfigError, add_common_args, key_source, load_config, save_config
+from engine.lock import lock_output_dir, release_output_dir
 from engine.logging import JsonLogger
 from engine.loop import AMP_DTYPES, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
@@ -158,6 +159,16 @@ class Run:
         args = parser.parse_args(argv)
         config = load_config(args.config, schema, args.options or [])
         check_checkpoint_paths(args, config)
+        if du.read_dist_env().get('rank', 0) == 0:  # one holder per run; refused at once while another run is live there
+            lock_output_dir(args.output_dir)
+        try:
+            return cls._start_locked(args, config)
+        except BaseException:
+            release_output_dir(args.output_dir)
+            raise
+
+    @classmethod
+    def _start_locked(cls, args: argparse.Namespace, config) -> 'Run':
         check_output_dir(args)
         du.init_distributed_mode(args)
         device = resolve_device(args.device)
@@ -346,3 +357,5 @@ class Run:
         du.barrier()
         if self.distributed:
             dist.destroy_process_group()
+        if self.is_main:
+            release_output_dir(self.output_dir)
