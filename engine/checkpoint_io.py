@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.atomic import atomic_write_with
-from models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from models.checkpoint import CheckpointError, check_finite_state_dict, extract_state_dict, read_checkpoint
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
            'restore_rng_state', 'atomic_torch_save', 'optimizer_state_in_our_layout', 'NonFiniteWeightsError']
@@ -108,8 +108,10 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     for key in ('model', 'epoch'):
         if key not in checkpoint:
             raise CheckpointError(f'{source}: not a training checkpoint (no {key!r} key)')
+    state_dict = extract_state_dict(checkpoint, source)
+    check_finite_state_dict(state_dict, source)
     try:
-        model.load_state_dict(extract_state_dict(checkpoint, source), strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f'{source}: does not match the model: {e}') from e
     if optimizer is not None and checkpoint.get('optimizer'):

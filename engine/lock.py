@@ -127,9 +127,9 @@ class OutputDirLock:
                 (self.output_dir / (LOCK_NAME + '.excl')).unlink()
             self._exclusive_file = False
         _HELD.pop(self.output_dir.resolve(), None)
-        if self._made_dir and [p.name for p in self.output_dir.iterdir()] == [LOCK_NAME]:
-            self.path.unlink()  # a run that stopped before writing anything leaves no folder behind
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if self._made_dir and os.listdir(self.output_dir) == [LOCK_NAME]:
+                self.path.unlink()  # a run that stopped before writing anything leaves no folder behind
                 self.output_dir.rmdir()
 
 

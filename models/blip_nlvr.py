@@ -103,7 +103,7 @@ def blip_nlvr(pretrained: str = '', **kwargs) -> BLIP_NLVR:
     """
     model = BLIP_NLVR(**kwargs)
     if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
+        model, msg = load_checkpoint(model, pretrained, fresh=_new_head_keys(model))
         unexplained = set(msg.missing_keys) - _new_head_keys(model)
         if unexplained:
             raise CheckpointError(f'blip_nlvr: checkpoint {pretrained} lacks {len(unexplained)} key(s), '

@@ -397,11 +397,25 @@ def test_empty_truncated_or_foreign_checkpoint_files_say_what_they_are(tmp_path)
     (tmp_path / 'config.pth').write_text('batch_size: 8\n')
     with pytest.raises(CheckpointError, match=r'empty\.pth: the file is empty \(0 bytes'):
         read_checkpoint(str(tmp_path / 'empty.pth'))
-    for name in ('half.pth', 'config.pth'):
-        with pytest.raises(CheckpointError, match=rf'{name}: not a readable PyTorch checkpoint \(\d+ bytes; '
-                                                  r'torch\.load: .*truncated, or not a torch\.save file') as e:
+    with pytest.raises(CheckpointError, match=r'half\.pth: not a readable PyTorch checkpoint \(\d+ bytes; '
+                                              r'torch\.load: .*truncated, or not a torch\.save file') as e:
+        read_checkpoint(str(tmp_path / 'half.pth'))
+    assert e.value.__cause__ is None and e.value.__suppress_context__   # no torch-internal traceback
+    with pytest.raises(CheckpointError, match=r'config\.pth: not a PyTorch checkpoint \(\d+ bytes'):
+        read_checkpoint(str(tmp_path / 'config.pth'))
+
+
+def test_random_bytes_are_not_a_checkpoint_and_the_unsafe_flag_is_never_suggested(tmp_path):
+    """Random bytes were reported as 'pickled Python objects that would run code', quoting torch's advice to load
+    with weights_only=False; a damaged pickle is also not 'code'."""
+    from models.checkpoint import read_checkpoint
+    rng = np.random.default_rng(0)
+    (tmp_path / 'random.pth').write_bytes(rng.bytes(3000))
+    (tmp_path / 'bad_pickle.pth').write_bytes(b'\x80\x02' + rng.bytes(3000))
+    for name in ('random.pth', 'bad_pickle.pth'):
+        with pytest.raises(CheckpointError, match=rf'{name}: not a (readable )?PyTorch checkpoint') as e:
             read_checkpoint(str(tmp_path / name))
-        assert e.value.__cause__ is None and e.value.__suppress_context__   # no torch-internal traceback
+        assert 'weights_only' not in str(e.value) and 'run code' not in str(e.value)
 
 
 def test_hf_folders_and_safetensors_files_get_the_same_clear_refusals(tmp_path):
