@@ -33,7 +33,7 @@ class NoCapsConfig(CommonConfig):
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    run = Run.start(argv, NoCapsConfig, description=__doc__)
+    run = Run.start(argv, NoCapsConfig, description=__doc__, trains=False)
     config = run.config
     val_set, test_set = run.datasets('nocaps')
     val_loader, test_loader = run.loaders([val_set, test_set], [False, False], [config.batch_size] * 2)

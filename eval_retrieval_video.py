@@ -33,7 +33,7 @@ class VideoRetrievalConfig(CommonConfig):
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    run = Run.start(argv, VideoRetrievalConfig, description=__doc__)
+    run = Run.start(argv, VideoRetrievalConfig, description=__doc__, trains=False)
     config = run.config
     test_set = run.datasets('retrieval_msrvtt')
     test_set = test_set[0] if isinstance(test_set, (tuple, list)) else test_set

@@ -103,7 +103,7 @@ def make_graphed_step(config: PretrainConfig, model, optimizer):
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    run = Run.start(argv, PretrainConfig, description=__doc__)
+    run = Run.start(argv, PretrainConfig, description=__doc__, evaluates=False)
     config = run.config
     train_set = run.datasets('pretrain', min_scale=0.2)
     model = blip_pretrain(image_size=config.image_size, vit=config.vit, vit_grad_ckpt=config.vit_grad_ckpt,
@@ -119,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for epoch in run.epochs():
         if config.laion_path and hasattr(train_set, 'reload_laion'):
             train_set.reload_laion(epoch)
-        train_stats = run.train_epoch(epoch, train_loader, step, lr_function(config, epoch))
+        train_stats = run.train_epoch(epoch, train_loader, step, lr_function(config, epoch),
+                                      save_before_eval=False)  # nothing to evaluate: the epoch end saves
         run.save(f'checkpoint_{epoch:02d}.pth', epoch)
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         run.log(stats)

@@ -127,6 +127,16 @@ class RobustDataset(Dataset):
     def load_item(self, index: int):
         raise NotImplementedError
 
+    def image_files(self) -> list[tuple[str, int, str]]:
+        """(path, annotation index, annotation file) of every image the split reads, for the check of evaluation
+        splits before training (``data.image_check``): entries' ``image`` or ``images`` under ``image_root``."""
+        annotation, root = getattr(self, 'annotation', None), getattr(self, 'image_root', None)
+        if not isinstance(annotation, list) or root is None:
+            return []
+        ann_file = getattr(self, 'ann_file', '')
+        return [(join_root(root, path), index, ann_file) for index, entry in enumerate(annotation)
+                for path in ([entry['image']] if 'image' in entry else entry.get('images', []))]
+
     def __getitem__(self, index: int):
         if not self.skip_bad_samples:
             return self.load_item(index)

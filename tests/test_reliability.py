@@ -126,3 +126,13 @@ def test_a_wrong_task_checkpoint_gives_one_count_of_missing_keys(tmp_path, capsy
     lacking = int(e.value.args[0].split('lacks ')[1].split()[0])
     logged = capsys.readouterr().out
     assert f', {lacking} missing' in logged and 'initialised afresh' in logged
+
+
+def test_a_nan_loss_before_any_checkpoint_does_not_speak_of_checkpoints_on_disk(toy, tmp_path, monkeypatch):
+    """'checkpoints on disk are from earlier steps' was said when there were none."""
+    import train_caption
+    from engine.loop import NonFiniteLossError
+    monkeypatch.setattr(train_caption, 'caption_step', lambda model, batch, ctx: {'loss': torch.tensor(float('nan'))})
+    with pytest.raises(NonFiniteLossError, match='no checkpoint was written in .*out yet') as e:
+        train_caption.main(caption_argv(toy, tmp_path / 'out'))
+    assert 'earlier steps' not in str(e.value)
