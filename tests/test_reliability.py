@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from data.toy import ensure_toy_dataset
@@ -136,3 +138,134 @@ def test_a_nan_loss_before_any_checkpoint_does_not_speak_of_checkpoints_on_disk(
     with pytest.raises(NonFiniteLossError, match='no checkpoint was written in .*out yet') as e:
         train_caption.main(caption_argv(toy, tmp_path / 'out'))
     assert 'earlier steps' not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ evaluation splits
+
+@pytest.fixture
+def own_toy(tmp_path) -> Path:
+    """A toy dataset this test may damage."""
+    return ensure_toy_dataset(tmp_path / 'toy', n_train=8, n_val=4, n_test=4, n_web=2, n_videos=0)
+
+
+def test_an_unreadable_evaluation_image_stops_the_run_before_training(own_toy, tmp_path, monkeypatch):
+    """One corrupt val image ended the run after a whole training epoch, with no checkpoint written."""
+    import train_caption
+    from data.loading import BadSampleError
+    from engine.runner import Run
+    monkeypatch.setenv('BLIP_ANN_CACHE', str(tmp_path / 'cache'))
+    val = json.loads((own_toy / 'annotation/coco_karpathy_val.json').read_text())
+    bad = own_toy / 'images' / val[1]['image']
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    trained = []
+    monkeypatch.setattr(Run, 'train_epoch', lambda self, *a, **kw: trained.append(1))
+    with pytest.raises(BadSampleError, match=rf'1 of 4 evaluation image\(s\) cannot be read.*\n  {bad} '
+                                             r'\(annotation index 1 of .*coco_karpathy_val\.json\)'):
+        train_caption.main(caption_argv(own_toy, tmp_path / 'out', options=('skip_bad_samples=True',)))
+    assert not trained and not list((tmp_path / 'out').glob('checkpoint_*'))
+
+
+def test_images_that_opened_are_not_opened_again(own_toy, tmp_path, monkeypatch):
+    from data import image_check
+    refs = [(str(p), i, 'ann.json') for i, p in enumerate(sorted((own_toy / 'images').rglob('*.jpg'))[:6])]
+    assert image_check.check_images(refs, 'split', cache_dir=str(tmp_path)) == 6
+    assert image_check.check_images(refs, 'split', cache_dir=str(tmp_path)) == 0   # all cached
+    Path(refs[2][0]).write_bytes(b'not an image')                                   # changed: checked again
+    with pytest.raises(image_check.BadSampleError, match='1 of 6'):
+        image_check.check_images(refs, 'split', cache_dir=str(tmp_path))
+
+
+def _cheap_scores(monkeypatch):
+    """The COCO scorers (METEOR's and SPICE's Java among them) take most of a toy epoch's time; these tests are
+    about what is saved and logged, not the scores."""
+    import train_caption
+    monkeypatch.setattr(train_caption, 'coco_caption_eval', lambda gt, path: {'CIDEr': 0.5, 'Bleu_4': 0.1})
+
+
+def test_a_failing_evaluation_keeps_the_trained_epoch(toy, tmp_path, monkeypatch):
+    """The epoch is saved before its evaluation; --resume auto goes straight to the evaluation, and the logs read
+    as one run."""
+    import train_caption
+    _cheap_scores(monkeypatch)
+    out = tmp_path / 'out'
+    evaluate = train_caption.evaluate_split
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('evaluation failed')
+
+    monkeypatch.setattr(train_caption, 'evaluate_split', broken)
+    with pytest.raises(RuntimeError, match='evaluation failed'):
+        train_caption.main(caption_argv(toy, out))
+    saved = torch.load(out / 'checkpoint_last.pth', weights_only=True)['resume']
+    steps = len(json.loads((toy / 'annotation/coco_karpathy_train.json').read_text())) // 4
+    assert (saved['epoch'], saved['step']) == (0, steps)     # the whole epoch, evaluation pending
+    monkeypatch.setattr(train_caption, 'evaluate_split', evaluate)
+    trained_steps = []
+    from engine import runner
+    train = runner.train_one_epoch
+    monkeypatch.setattr(runner, 'train_one_epoch', lambda *a, **kw: trained_steps.append(kw['start_step']) or train(*a, **kw))
+    stats = train_caption.main(caption_argv(toy, out, '--resume', 'auto'))
+    assert trained_steps == [steps] and stats['epoch'] == 0 and 'val_CIDEr' in stats and stats['train_loss'] > 0
+
+
+# ------------------------------------------------------------------------------------------ logs after a resume
+
+def test_logs_read_as_one_run_after_a_resume_and_a_fresh_run_starts_them_anew(toy, tmp_path, monkeypatch):
+    """log.txt got the same epoch twice when a run was killed between its epoch line and checkpoint_last, and
+    train_log.jsonl repeated steps after a resume and was appended to by a later unrelated run."""
+    import train_caption
+    _cheap_scores(monkeypatch)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'train_log.jsonl').write_text('{"epoch": 0, "step": 1, "loss": 99.0, "unrelated": true}\n')
+    (out / 'log.txt').write_text('{"epoch": 0, "unrelated": true}\n')
+    train_caption.main(caption_argv(toy, out, options=('log_every=5',)))
+    assert 'unrelated' not in (out / 'train_log.jsonl').read_text() + (out / 'log.txt').read_text()
+    # a run cut off after writing epoch 1's lines but before its checkpoint_last
+    with open(out / 'log.txt', 'a') as f:
+        f.write('{"epoch": 1, "cut_off": true}\n')
+    with open(out / 'train_log.jsonl', 'a') as f:
+        f.write('{"epoch": 1, "step": 5, "cut_off": true}\n{"epoch": 1, "step": 10, "cut_o')  # torn by the kill
+    train_caption.main(caption_argv(toy, out, '--resume', 'auto', options=('log_every=5', 'max_epoch=2')))
+    epochs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / 'train_log.jsonl').read_text().splitlines()]
+    assert [e['epoch'] for e in epochs] == [0, 1] and not any('cut_off' in e for e in epochs + steps)
+    assert [(s['epoch'], s['step']) for s in steps] == [(0, 5), (0, 10), (1, 5), (1, 10)]
+
+
+# ------------------------------------------------------------------------------------------ flags
+
+def test_pretrain_refuses_evaluate_and_leaves_an_earlier_run_alone(toy, tmp_path, capsys):
+    """``pretrain.py --evaluate`` trained an epoch and, since --evaluate skipped the output-folder check,
+    rewrote an earlier run's checkpoint_00.pth and appended to its log.txt."""
+    import pretrain
+    from engine.config import UsageError
+    out = tmp_path / 'earlier'
+    out.mkdir()
+    (out / 'checkpoint_00.pth').write_bytes(b'earlier run')
+    (out / 'log.txt').write_text('{"epoch": 0}\n')
+    argv = ['--config', str(ROOT / 'configs/toy/pretrain.yaml'), '--output_dir', str(out), '--device', 'cpu',
+            '--evaluate', '--options', f'toy_root={toy}']
+    with pytest.raises(UsageError, match='--evaluate is not supported.*train_retrieval.py --evaluate'):
+        pretrain.main(argv)
+    assert (out / 'checkpoint_00.pth').read_bytes() == b'earlier run'
+    assert (out / 'log.txt').read_text() == '{"epoch": 0}\n' and sorted(p.name for p in out.iterdir()) == [
+        'checkpoint_00.pth', 'log.txt']
+    with pytest.raises(SystemExit):
+        pretrain.main(['--help'])
+    assert '--evaluate' not in capsys.readouterr().out
+
+
+def test_evaluation_only_scripts_refuse_resume_and_overwrite(tmp_path, capsys):
+    import eval_nocaps
+    from engine.config import UsageError
+    base = ['--config', str(ROOT / 'configs/toy/nocaps.yaml'), '--output_dir', str(tmp_path / 'out')]
+    for flag in (['--resume', 'auto'], ['--overwrite']):
+        with pytest.raises(UsageError, match=f'{flag[0]} does not apply'):
+            eval_nocaps.main(base + flag)
+    assert not (tmp_path / 'out').exists()
+    with pytest.raises(SystemExit):
+        eval_nocaps.main(['--help'])
+    shown = capsys.readouterr().out
+    assert '--resume' not in shown and '--overwrite' not in shown and '--evaluate' not in shown
+    assert re.search(r'--seed SEED\s+seed of', shown) and re.search(r'--distributed BOOL\s+join a process group', shown)
