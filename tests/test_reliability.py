@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import numpy as np
@@ -269,3 +270,51 @@ def test_evaluation_only_scripts_refuse_resume_and_overwrite(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert '--resume' not in shown and '--overwrite' not in shown and '--evaluate' not in shown
     assert re.search(r'--seed SEED\s+seed of', shown) and re.search(r'--distributed BOOL\s+join a process group', shown)
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+def _script(args: list[str], torchrun: bool = False, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
+        else [sys.executable]
+    return subprocess.run([*launcher, *args], cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_user_error_is_one_message_with_exit_status_2_and_a_traceback_only_on_request(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A misspelled key printed an 18-66 line traceback with the message last."""
+    import train_caption
+    from engine.errors import run_script
+    args = ['--config', str(ROOT / 'configs/toy/caption.yaml'), '--output_dir', str(tmp_path / 'out'), '--device',
+            'cpu', '--options', 'batch_sise=3']
+    proc = _script([str(ROOT / 'train_caption.py'), *args])  # as a person runs it
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.startswith("error: --options") and "did you mean 'batch_size'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2 and not (tmp_path / 'out').exists()
+    with pytest.raises(SystemExit) as e:
+        run_script(train_caption.main, args)  # the same, in-process
+    assert e.value.code == 2 and 'Traceback' not in capsys.readouterr().err
+    monkeypatch.setenv('BLIP_DEBUG', '1')
+    with pytest.raises(SystemExit) as e:
+        run_script(train_caption.main, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' in err and 'error: --options' in err
+    monkeypatch.delenv('BLIP_DEBUG')
+    damaged = tmp_path / 'damaged.pth'
+    damaged.write_bytes(b'\0' * 100)
+    with pytest.raises(SystemExit) as e:
+        run_script(train_caption.main, ['--config', str(ROOT / 'configs/toy/caption.yaml'), '--output_dir',
+                                        str(tmp_path / 'out2'), '--device', 'cpu', '--resume', str(damaged)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'Traceback' not in err and 'not a PyTorch checkpoint' in err
+
+
+def test_under_torchrun_one_rank_reports_a_config_error_and_the_others_exit_quietly(tmp_path):
+    """Both ranks' tracebacks (67 lines) were interleaved."""
+    proc = _script([str(ROOT / 'train_caption.py'), '--config', str(ROOT / 'configs/toy/caption.yaml'),
+                    '--output_dir', str(tmp_path / 'out'), '--device', 'cpu', '--options', 'batch_sise=3'],
+                   torchrun=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and output.count("unknown config key(s) ['batch_sise']") == 1
+    assert 'Traceback (most recent call last):\n  File "' + str(ROOT / 'train_caption.py') not in output
