@@ -8,7 +8,10 @@ checkpoints live here and in the modules it calls, never in the scripts.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -33,6 +36,11 @@ from models.compile import compile_layers
 
 __all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'check_output_dir', 'cosine_epoch_lr',
            'gather_objects', 'mid_epoch_start_step', 'progress', 'remove_earlier_run', 'trains_afresh']
+
+
+def _remove_if_there(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -221,6 +229,12 @@ class Run:
                 samplers.append(sampler if self.distributed and distributed_eval else None)
         loaders = create_loader(datasets, samplers, batch_size=batch_sizes, num_workers=[self.config.num_workers] * n,
                                 is_trains=is_trains, collate_fns=collate_fns or [None] * n)
+        for dataset, train in zip(datasets, is_trains):
+            if train and getattr(dataset, 'skip_bad_samples', False):
+                # every worker appends the bad files it meets here; the epoch's log line gets their number
+                fd, dataset.bad_sample_report = tempfile.mkstemp(prefix='blip_bad_samples_', suffix='.jsonl')
+                os.close(fd)
+                atexit.register(_remove_if_there, dataset.bad_sample_report)
         for loader, sampler in zip(loaders, samplers):
             self._samplers[id(loader)] = sampler
             # worker seeds come from this generator, not from the global RNG that resume restores
@@ -316,6 +330,9 @@ class Run:
             sampler.set_epoch(epoch)
         if hasattr(loader.dataset, 'set_epoch'):
             loader.dataset.set_epoch(epoch)
+        report = getattr(loader.dataset, 'bad_sample_report', None)
+        if report:
+            open(report, 'w').close()
         if loader.generator is not None:
             loader.generator.manual_seed(self.args.seed * 100_003 + epoch * 1009 + du.get_rank())
         steps = len(loader)
@@ -343,7 +360,7 @@ class Run:
             start_totals = saved
             start_step = mid_epoch_start_step(saved, loader.batch_size, du.get_world_size(), steps)
         try:
-            return train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
+            stats = train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
                                    precision=self.precision, accum_steps=self.config.accum_steps,
                                    clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                    device=self.device, start_step=start_step, log_every=self.config.log_every,
@@ -352,6 +369,19 @@ class Run:
                                    save_at_end=save_before_eval)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f'{e}; {self._checkpoints_on_disk()}') from None
+        if report:
+            stats['bad_samples'] = self._bad_samples_of_epoch(report, epoch)
+        return stats
+
+    def _bad_samples_of_epoch(self, report: str, epoch: int) -> int:
+        """Distinct unreadable files every rank's workers met this epoch (``skip_bad_samples``), for log.txt."""
+        with open(report, encoding='utf-8') as f:
+            files = sorted({json.loads(line)['file'] for line in f if line.strip()})
+        files = sorted(set(gather_objects(files)))
+        if files and self.is_main:
+            print(f'epoch {epoch}: {len(files)} unreadable training file(s) replaced by random other samples '
+                  f'(skip_bad_samples), e.g. {files[:3]}')
+        return len(files)
 
     def _checkpoints_on_disk(self) -> str:
         """What a stopped run leaves to continue from, said as it is (there may be none)."""

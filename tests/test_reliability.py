@@ -318,3 +318,30 @@ def test_under_torchrun_one_rank_reports_a_config_error_and_the_others_exit_quie
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and output.count("unknown config key(s) ['batch_sise']") == 1
     assert 'Traceback (most recent call last):\n  File "' + str(ROOT / 'train_caption.py') not in output
+
+
+# ------------------------------------------------------------------------------------------ bad training samples
+
+def test_skip_bad_samples_counts_files_draws_random_replacements_and_logs_the_epoch_total(own_toy, tmp_path,
+                                                                                          monkeypatch):
+    """20 bad files were reported as '210 so far' (failed reads), every bad entry became the same next entry, and
+    no total reached log.txt."""
+    import train_caption
+    from data.coco_karpathy_dataset import coco_karpathy_train
+    from data.utils import pre_caption
+    _cheap_scores(monkeypatch)
+    train = json.loads((own_toy / 'annotation/coco_karpathy_train.json').read_text())
+    bad_images = sorted({entry['image'] for entry in train})[:3]
+    for name in bad_images:
+        (own_toy / 'images' / name).write_bytes(b'\xff\xd8 not a jpeg')
+    ds = coco_karpathy_train(lambda image: 0, str(own_toy / 'images'), str(own_toy / 'annotation'),
+                             skip_bad_samples=True)
+    bad = [i for i, entry in enumerate(train) if entry['image'] in bad_images]
+    replaced = [ds[i][1] for i in bad]
+    assert ds.num_bad_samples == 3                                  # files, not failed reads
+    assert len(set(replaced)) > len(bad) // 2                       # not all the same neighbour
+    assert not set(replaced) & {pre_caption(train[i]['caption'], 30) for i in bad}
+    out = tmp_path / 'out'
+    train_caption.main(caption_argv(own_toy, out, options=('skip_bad_samples=True', 'num_workers=2')))
+    epoch = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    assert epoch['train_bad_samples'] == 3
