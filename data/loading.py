@@ -78,6 +78,18 @@ def check_entries(entries: Sequence, schema: Mapping[str, type | tuple], path: s
         check_entry(entry, schema, path, index)
 
 
+def warn_empty_captions(entries: Sequence, path: str, key: str = 'caption', max_words: int = 30) -> int:
+    """Warn once per file, with their number, about entries whose caption is empty after cleaning (a caption of
+    only punctuation or spaces trains the model to say nothing); return that number."""
+    from data.utils import pre_caption
+    empty = [i for i, entry in enumerate(entries)
+             if isinstance(entry.get(key), str) and not pre_caption(entry[key], max_words)]
+    if empty:
+        logger.warning('%s: %d of %d entries have an empty %r (e.g. entry %s); they train as empty captions',
+                       path, len(empty), len(entries), key, ', '.join(map(str, empty[:5])))
+    return len(empty)
+
+
 def _as_tuple(types: type | tuple) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 

@@ -345,3 +345,16 @@ def test_skip_bad_samples_counts_files_draws_random_replacements_and_logs_the_ep
     train_caption.main(caption_argv(own_toy, out, options=('skip_bad_samples=True', 'num_workers=2')))
     epoch = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     assert epoch['train_bad_samples'] == 3
+
+
+def test_empty_training_captions_are_counted_in_a_warning_per_file(tmp_path, caplog):
+    """Empty captions were accepted silently."""
+    import logging
+    from data.coco_karpathy_dataset import coco_karpathy_train
+    entries = [{'image': f'x{i}.jpg', 'caption': c, 'image_id': i}
+               for i, c in enumerate(['a dog', '', ' ... ', 'a cat', '  '])]
+    (tmp_path / 'coco_karpathy_train.json').write_text(json.dumps(entries))
+    with caplog.at_level(logging.WARNING):
+        coco_karpathy_train(lambda image: image, str(tmp_path), str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if 'empty' in r.getMessage()]
+    assert len(warned) == 1 and 'coco_karpathy_train.json: 3 of 5 entries have an empty' in warned[0]
