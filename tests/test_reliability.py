@@ -358,3 +358,26 @@ def test_empty_training_captions_are_counted_in_a_warning_per_file(tmp_path, cap
         coco_karpathy_train(lambda image: image, str(tmp_path), str(tmp_path))
     warned = [r.getMessage() for r in caplog.records if 'empty' in r.getMessage()]
     assert len(warned) == 1 and 'coco_karpathy_train.json: 3 of 5 entries have an empty' in warned[0]
+
+
+def test_where_flock_is_unsupported_the_lock_is_an_exclusive_file_and_a_dead_holders_is_taken_over(tmp_path,
+                                                                                                 monkeypatch):
+    import errno
+    import socket
+    from engine import lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, 'No locks available')
+
+    monkeypatch.setattr(lock.fcntl, 'flock', no_flock)
+    first = lock.OutputDirLock(tmp_path).acquire()
+    with pytest.raises(lock.OutputDirInUse, match=rf'pid {os.getpid()} on host '):
+        lock.OutputDirLock(tmp_path).acquire()
+    first.release()
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    (tmp_path / (lock.LOCK_NAME + '.excl')).write_text(json.dumps({'host': socket.gethostname(), 'pid': dead.pid}))
+    lock.OutputDirLock(tmp_path).acquire().release()  # a crashed holder on this host: stale, taken over
+    (tmp_path / (lock.LOCK_NAME + '.excl')).write_text(json.dumps({'host': 'elsewhere', 'pid': 1}))
+    with pytest.raises(lock.OutputDirInUse, match='if no run is live there, remove'):
+        lock.OutputDirLock(tmp_path).acquire()
