@@ -218,7 +218,7 @@ def blip_vqa(pretrained: str = '', **kwargs) -> BLIP_VQA:
     """
     model = BLIP_VQA(**kwargs)
     if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
+        model, msg = load_checkpoint(model, pretrained, fresh=_decoder_cross_kv_keys(model))
         unexplained = set(msg.missing_keys) - _decoder_cross_kv_keys(model)
         if unexplained:
             raise CheckpointError(f'blip_vqa: checkpoint {pretrained} lacks {len(unexplained)} key(s), '

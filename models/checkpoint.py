@@ -174,7 +174,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
                             verbose: bool = True, fresh: frozenset = frozenset()) -> LoadResult:
     """Load with every difference accounted for: unused keys dropped and reported, bad shapes an error,
     non-finite weights refused. ``fresh``: keys the model initialises itself when the file lacks them (a new
-    task head); they are reported apart from the missing ones."""
+    task head, VQA's decoder cross-attention K/V of a ViT-L pretrain file); they are reported apart from the
+    missing ones, so the log's count of missing keys is the one a refusal then names."""
     own = model.state_dict()
     unexpected = sorted(k for k in state_dict if k not in own)
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
@@ -193,8 +194,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
         print(f'load checkpoint from {source}: {len(kept)} keys loaded, {len(unexpected)} unused keys dropped'
               + (f' (e.g. {unexpected[:3]})' if unexpected else '')
               + f', {len(lacking)} missing' + (f' (e.g. {lacking[:3]})' if lacking else '')
-              + (f', {len(missing) - len(lacking)} new head key(s) initialised afresh' if len(missing) > len(lacking)
-                 else ''))
+              + (f', {len(missing) - len(lacking)} key(s) this model initialises afresh when absent'
+                 if len(missing) > len(lacking) else ''))
     return LoadResult(missing, unexpected)
 
 

@@ -128,7 +128,7 @@ def test_a_wrong_task_checkpoint_gives_one_count_of_missing_keys(tmp_path, capsy
         blip_nlvr(str(tmp_path / 'caption.pth'), med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT))
     lacking = int(e.value.args[0].split('lacks ')[1].split()[0])
     logged = capsys.readouterr().out
-    assert f', {lacking} missing' in logged and 'initialised afresh' in logged
+    assert f', {lacking} missing' in logged and 'initialises afresh' in logged
 
 
 def test_a_nan_loss_before_any_checkpoint_does_not_speak_of_checkpoints_on_disk(toy, tmp_path, monkeypatch):
@@ -381,3 +381,14 @@ def test_where_flock_is_unsupported_the_lock_is_an_exclusive_file_and_a_dead_hol
     (tmp_path / (lock.LOCK_NAME + '.excl')).write_text(json.dumps({'host': 'elsewhere', 'pid': 1}))
     with pytest.raises(lock.OutputDirInUse, match='if no run is live there, remove'):
         lock.OutputDirLock(tmp_path).acquire()
+
+
+def test_vqa_from_a_caption_checkpoint_logs_the_count_its_refusal_names(tmp_path, capsys):
+    from models.blip_vqa import blip_vqa
+    from models.checkpoint import CheckpointError
+    from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+    torch.save({'model': _tiny_decoder().state_dict()}, tmp_path / 'caption.pth')
+    with pytest.raises(CheckpointError, match=r'lacks (\d+) key') as e:
+        blip_vqa(str(tmp_path / 'caption.pth'), med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT))
+    lacking = int(e.value.args[0].split('lacks ')[1].split()[0])
+    assert f', {lacking} missing' in capsys.readouterr().out
