@@ -51,8 +51,10 @@ from tqdm import tqdm
 from data.loading import join_root
 from data.pretrain_dataset import load_annotation_index
 from data.utils import pre_caption
-from engine.config import CommonConfig, ConfigError, add_common_args, load_config, save_config
+from engine.atomic import atomic_write_with
+from engine.config import CommonConfig, ConfigError, UsageError, add_common_args, load_config, save_config
 from engine.cuda_graph import decoding_note
+from engine.lock import lock_output_dir, release_output_dir
 from engine.distributed import read_dist_env
 from engine.loop import AMP_DTYPES
 from engine.runner import resolve_device
@@ -154,14 +156,36 @@ GENERATION_KEYS = ('captioner', 'num_captions', 'sample', 'top_p', 'top_k', 'num
                    'max_length', 'min_length', 'prompt', 'cuda_graph')
 
 
-def fingerprint(config: CapFiltConfig, seed: int, web_only: bool = False) -> str:
-    """Hash of everything that determines the shards (threshold and keep only act at the merge); with
-    ``web_only``, of what determines their web-caption scores."""
+def shard_settings(config: CapFiltConfig, seed: int, web_only: bool = False) -> dict:
+    """Everything that determines the shards (threshold and keep only act at the merge); with ``web_only``,
+    what determines their web-caption scores."""
     values = {k: getattr(config, k) for k in SHARD_KEYS if not (web_only and k in GENERATION_KEYS)}
     values['seed'] = seed
     if not web_only:
         values['num_captions'] = captions_per_image(config)
+    return json.loads(json.dumps(values, default=str))
+
+
+def fingerprint(config: CapFiltConfig, seed: int, web_only: bool = False) -> str:
+    """Hash of ``shard_settings``."""
+    values = shard_settings(config, seed, web_only)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ShardMismatchError(ConfigError, RuntimeError):
+    """The output folder's shards were made with other settings or data."""
+
+
+def _changes(found: dict, manifest: dict) -> str:
+    """'key: old -> new' for every setting (or manifest entry) that differs."""
+    old, new = found.get('settings'), manifest.get('settings')
+    if old is None or new is None:  # a manifest written before settings were recorded
+        old, new = found, manifest
+    else:
+        old = {**old, **{k: v for k, v in found.items() if k not in ('settings', 'fingerprint', 'web_fingerprint')}}
+        new = {**new, **{k: v for k, v in manifest.items() if k not in ('settings', 'fingerprint', 'web_fingerprint')}}
+    return ', '.join(f'{k}: {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}'
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -271,6 +295,17 @@ def build_models(config: CapFiltConfig, device: torch.device):
 
 # ---------------------------------------------------------------------------------------------- shards
 
+def remove_earlier_capfilt(output_dir: Path, config: CapFiltConfig) -> None:
+    """``--overwrite``: the earlier run's shards, merged output, summary and report go before this run starts."""
+    old = [*sorted(shard_dir(output_dir).glob('*')), output_dir / config.output_file, output_dir / SUMMARY_FILE,
+           output_dir / REPORT_FILE, *sorted(output_dir.glob('capfilt_log_rank*.jsonl'))]
+    removed = [p for p in old if p.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        print(f'--overwrite: removed {len(removed)} file(s) of an earlier CapFilt run in {output_dir}')
+
+
 def shard_dir(output_dir: Path) -> Path:
     return output_dir / 'shards'
 
@@ -281,17 +316,7 @@ def shard_path(output_dir: Path, shard: int) -> Path:
 
 def write_atomic(path: Path, write) -> None:
     """Write through ``write(file)`` into a temporary file, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_with(path, write, binary=False)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -307,13 +332,14 @@ def check_manifest(output_dir: Path, manifest: dict, web_merge_only: bool = Fals
     path = shard_dir(output_dir) / 'manifest.json'
     if path.exists():
         found = json.loads(path.read_text())
-        same_scores = {k: v for k, v in found.items() if k != 'fingerprint'} == \
-            {k: v for k, v in manifest.items() if k != 'fingerprint'}
+        same_scores = {k: v for k, v in found.items() if k not in ('fingerprint', 'settings')} == \
+            {k: v for k, v in manifest.items() if k not in ('fingerprint', 'settings')}
         if web_merge_only and same_scores:
             return
         if found != manifest:
-            raise RuntimeError(f'{path} was written by a run with other data or settings ({found} vs {manifest}); '
-                               f'use a new --output_dir, or delete {shard_dir(output_dir)} to start over')
+            raise ShardMismatchError(f'{path} was written by a run with other data or settings: '
+                                     f'{_changes(found, manifest)}; --overwrite starts over there (removing its '
+                                     f'shards), or use a new --output_dir')
         return
     write_json_atomic(path, manifest)
 
@@ -413,7 +439,7 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
     lo, hi = (0.0, 1.0) if config.score == 'itm' else (-1.0, 1.0)
     hist = {name: Histogram(lo, hi) for name in ('web', 'synthetic')}
     counts = dict.fromkeys(('images', 'web_kept', 'web_removed', 'synthetic_kept', 'synthetic_removed',
-                            'web_pairs_out', 'synthetic_pairs_out', 'human_pairs'), 0)
+                            'web_pairs_out', 'synthetic_pairs_out', 'synthetic_duplicates', 'human_pairs'), 0)
     bad, samples, seconds, shard_images = [], [], 0.0, 0
     wanted = report_indices(len(entries), config.report_samples)
 
@@ -437,9 +463,13 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
                     counts['synthetic_kept' if s >= config.threshold else 'synthetic_removed'] += 1
                     hist['synthetic'].add(s)
                 key = 'image' if 'image' in entry else 'url'
-                for c, kind in kept_captions(entry, r, config):
+                kept = kept_captions(entry, r, config)
+                for c, kind in kept:
                     writer.add(key, entry[key], c)
                     counts[f'{kind}_pairs_out'] += 1
+                if config.keep in ('synthetic', 'both'):  # kept by score, dropped as a repeat of a kept caption
+                    counts['synthetic_duplicates'] += sum(s >= config.threshold for _, s in r['s']) \
+                        - sum(kind == 'synthetic' for _, kind in kept)
                 if r['i'] in wanted:
                     samples.append((entry, r))
         for h in range(len(human)):
@@ -457,6 +487,7 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
         'web_kept': counts['web_kept'], 'web_removed': counts['web_removed'],
         'synthetic_kept': counts['synthetic_kept'], 'synthetic_removed': counts['synthetic_removed'],
         'web_pairs_out': counts['web_pairs_out'], 'synthetic_pairs_out': counts['synthetic_pairs_out'],
+        'synthetic_duplicates': counts['synthetic_duplicates'],  # synthetic_kept - synthetic_pairs_out (with keep both/synthetic)
         'human_pairs': counts['human_pairs'],
         'output_pairs': counts['web_pairs_out'] + counts['synthetic_pairs_out'] + counts['human_pairs'],
         'output_file': str(output_dir / config.output_file),
@@ -573,7 +604,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = resolve_device(args.device)
     amp_dtype = AMP_DTYPES[config.amp or ('bf16' if device.type == 'cuda' else 'none')]
     output_dir = Path(args.output_dir)
+    if args.resume or args.evaluate:
+        raise UsageError(f"capfilt.py: {'--resume' if args.resume else '--evaluate'} does not apply: a rerun "
+                         f"continues by itself (finished shards are kept); --overwrite starts over")
+    if args.overwrite and world > 1:
+        raise UsageError('capfilt.py --overwrite: run it with one process (the ranks share no process group to '
+                         'agree on when the old shards are gone), or delete the folder first')
     if rank == 0:
+        lock_output_dir(output_dir)  # a second CapFilt in this folder is refused at once
+        if args.overwrite:
+            remove_earlier_capfilt(output_dir, config)
         save_config(config, output_dir)
         print(decoding_note(config.cuda_graph, device))
 
@@ -589,7 +629,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     missing_at_start = [s for s in range(num_shards) if not shard_path(output_dir, s).exists()]
     check_manifest(output_dir, {'fingerprint': fingerprint(config, args.seed),
                                 'web_fingerprint': fingerprint(config, args.seed, web_only=True),
-                                'entries': len(entries), 'shard_size': config.shard_size, 'num_shards': num_shards},
+                                'entries': len(entries), 'shard_size': config.shard_size, 'num_shards': num_shards,
+                                'settings': shard_settings(config, args.seed)},
                    web_merge_only=config.keep == 'web' and not missing_at_start)
     todo = [s for s in missing_at_start if s % world == rank]
     print(f'[rank {rank}/{world}] {len(entries)} web entries in {num_shards} shards; '
@@ -623,6 +664,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    images_per_s=new_images / wall if new_images else None)
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}), flush=True)
+    release_output_dir(output_dir)
     return summary
 
 
@@ -634,4 +676,5 @@ def main_over_tar_shards(config: CapFiltConfig, args, rank: int, world: int, dev
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from engine.errors import run_script
+    run_script(main, sys.argv[1:])  # a user error: one message, exit 2/1 (traceback with --debug)

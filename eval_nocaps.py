@@ -32,7 +32,7 @@ class NoCapsConfig(VisionConfig):
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    run = Run.start(argv, NoCapsConfig, description=__doc__)
+    run = Run.start(argv, NoCapsConfig, description=__doc__, trains=False)
     config = run.config
     if run.is_main:
         print(decoding_note(config.cuda_graph, run.device))
@@ -51,4 +51,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from engine.errors import run_script
+    run_script(main, sys.argv[1:])  # a user error: one message, exit 2/1 (traceback with --debug)

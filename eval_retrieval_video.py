@@ -30,7 +30,7 @@ class VideoRetrievalConfig(VisionConfig):
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    run = Run.start(argv, VideoRetrievalConfig, description=__doc__)
+    run = Run.start(argv, VideoRetrievalConfig, description=__doc__, trains=False)
     config = run.config
     test_set = run.datasets('retrieval_msrvtt')
     test_set = test_set[0] if isinstance(test_set, (tuple, list)) else test_set
@@ -46,4 +46,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from engine.errors import run_script
+    run_script(main, sys.argv[1:])  # a user error: one message, exit 2/1 (traceback with --debug)

@@ -208,7 +208,7 @@ def data_stats(tracker: Optional[ShardTracker], loader) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    run = Run.start(argv, PretrainConfig, description=__doc__)
+    run = Run.start(argv, PretrainConfig, description=__doc__, evaluates=False)
     config = run.config
     train_set = build_train_set(run, config)
     model = blip_pretrain(queue_size=config.queue_size, momentum=config.momentum, **config.model_kwargs())
@@ -227,7 +227,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             train_set.reload_laion(epoch)
         if tracker is not None:
             tracker.start_epoch(epoch)
-        train_stats = run.train_epoch(epoch, train_loader, step, lr_function(config, epoch))
+        train_stats = run.train_epoch(epoch, train_loader, step, lr_function(config, epoch),
+                                      save_before_eval=False)  # nothing to evaluate: the epoch end saves
         counts = data_stats(tracker, train_loader)
         run.save(f'checkpoint_{epoch:02d}.pth', epoch)
         stats = {**{f'train_{k}': v for k, v in {**train_stats, **counts}.items()}, 'epoch': epoch}
@@ -238,4 +239,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from engine.errors import run_script
+    run_script(main, sys.argv[1:])  # a user error: one message, exit 2/1 (traceback with --debug)

@@ -112,7 +112,7 @@ def equal_size(a: list, b: list) -> tuple[list, list]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '))  # the whole first sentence
     parser.add_argument('--output_dir', default='output/toy_capfilt')
     parser.add_argument('--toy_root', default='output/toy_data')
     parser.add_argument('--caption_epochs', type=int, default=1)
@@ -228,4 +228,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from engine.errors import run_script
+    run_script(main, sys.argv[1:])  # a user error: one message, exit 2/1 (traceback with --debug)

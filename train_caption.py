@@ -107,4 +107,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from engine.errors import run_script
+    run_script(main, sys.argv[1:])  # a user error: one message, exit 2/1 (traceback with --debug)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from data.loading import AnnotationError
-from data.utils import open_temp_beside
+from engine.atomic import atomic_write
 
 Validator = Callable[[Any, str, int], None]
 _READ_CHUNK = 1 << 22
@@ -157,29 +157,18 @@ def build_index(source: str, offsets_path: Path, blob_path: Path, validate: Opti
     offsets_path.parent.mkdir(parents=True, exist_ok=True)
     stamp = _source_stamp(source)  # taken before reading: a file changed meanwhile makes the index stale
     offsets = array('q', [0])
-    blob, blob_tmp = open_temp_beside(blob_path)
-    off_tmp = stamp_tmp = None
-    try:
-        with blob:
-            for index, entry in enumerate(iter_json_entries(source)):
-                if validate is not None:
-                    validate(entry, source, index)
-                data = json.dumps(entry, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
-                blob.write(data)
-                offsets.append(offsets[-1] + len(data))
-        f, off_tmp = open_temp_beside(offsets_path)
-        with f:
-            np.save(f, np.frombuffer(offsets, dtype=np.int64))
-        os.replace(blob_tmp, blob_path)
-        os.replace(off_tmp, offsets_path)
-        f, stamp_tmp = open_temp_beside(_stamp_path(offsets_path), binary=False)
-        with f:
-            json.dump(stamp, f)
-        os.replace(stamp_tmp, _stamp_path(offsets_path))  # last: an index without its stamp is rebuilt
-    finally:
-        for tmp in (blob_tmp, off_tmp, stamp_tmp):
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+    # a cache that can be rebuilt: no fsync. A failed entry check publishes nothing.
+    with atomic_write(blob_path, fsync=False) as blob:
+        for index, entry in enumerate(iter_json_entries(source)):
+            if validate is not None:
+                validate(entry, source, index)
+            data = json.dumps(entry, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+            blob.write(data)
+            offsets.append(offsets[-1] + len(data))
+    with atomic_write(offsets_path, fsync=False) as f:
+        np.save(f, np.frombuffer(offsets, dtype=np.int64))
+    with atomic_write(_stamp_path(offsets_path), binary=False, fsync=False) as f:
+        json.dump(stamp, f)  # last: an index without its (matching) stamp is rebuilt
     return len(offsets) - 1
 
 

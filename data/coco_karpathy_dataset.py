@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from data.loading import AnnotationError, RobustDataset, check_entries, join_root, load_image, load_json_list
+from data.loading import (AnnotationError, RobustDataset, check_entries, join_root, load_image, load_json_list,
+                          warn_empty_captions)
 from data.utils import ensure_annotation, pre_caption
 
 TRAIN_SCHEMA = {'image': str, 'caption': str, 'image_id': (str, int)}
@@ -47,6 +48,7 @@ class coco_karpathy_train(RobustDataset):
         self.ann_file = ensure_annotation(self.filename, ann_root)
         self.annotation = load_json_list(self.ann_file)
         check_entries(self.annotation, TRAIN_SCHEMA, self.ann_file)
+        warn_empty_captions(self.annotation, self.ann_file, max_words=max_words)
         self.transform, self.image_root = transform, image_root
         self.max_words, self.prompt = max_words, prompt
         self.img_ids = dense_image_index(self.annotation)

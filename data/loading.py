@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
@@ -27,7 +28,14 @@ class AnnotationError(ValueError):
 
 
 class BadSampleError(RuntimeError):
-    """An image or video of a well-formed entry cannot be read."""
+    """An image or video of a well-formed entry cannot be read (``path``: the file, when one is at fault)."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # DataLoader workers and process groups pickle errors
+        return type(self), (str(self), self.path)
 
 
 def load_json_list(path: str) -> list:
@@ -70,6 +78,18 @@ def check_entries(entries: Sequence, schema: Mapping[str, type | tuple], path: s
         check_entry(entry, schema, path, index)
 
 
+def warn_empty_captions(entries: Sequence, path: str, key: str = 'caption', max_words: int = 30) -> int:
+    """Warn once per file, with their number, about entries whose caption is empty after cleaning (a caption of
+    only punctuation or spaces trains the model to say nothing); return that number."""
+    from data.utils import pre_caption
+    empty = [i for i, entry in enumerate(entries)
+             if isinstance(entry.get(key), str) and not pre_caption(entry[key], max_words)]
+    if empty:
+        logger.warning('%s: %d of %d entries have an empty %r (e.g. entry %s); they train as empty captions',
+                       path, len(empty), len(entries), key, ', '.join(map(str, empty[:5])))
+    return len(empty)
+
+
 def _as_tuple(types: type | tuple) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 
@@ -108,34 +128,77 @@ def load_image(path: str, index: int, ann_file: str, lenient: bool = False) -> I
             return image.convert('RGB')
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadSampleError(f'cannot read image {path} (annotation index {index} of {ann_file}): '
-                             f'{type(e).__name__}: {e}{SKIP_HINT}') from e
+                             f'{type(e).__name__}: {e}{SKIP_HINT}', path=path) from e
 
 
 class RobustDataset(Dataset):
     """Base class: ``__getitem__`` calls ``load_item`` and applies the bad-sample policy.
 
+    With ``skip_bad_samples`` an unreadable sample is replaced by one drawn at random from the dataset (seeded by
+    the epoch and the index, so a resumed epoch draws the same), never by its neighbour: twenty bad files in a row
+    all became the same entry. A file known to be bad is not read again in this process.
+
     Attributes:
-        skip_bad_samples: replace unreadable samples by the next readable one instead of raising.
-        num_bad_samples: how many samples were replaced (per process: each DataLoader worker
-            counts in its own copy of the dataset).
+        skip_bad_samples: replace unreadable samples instead of raising.
+        num_bad_samples: distinct unreadable files met (per process: each DataLoader worker counts in its own
+            copy of the dataset; ``bad_sample_report`` collects them across workers for the epoch's log line).
+        bad_sample_report: a JSON-lines file every process appends each new bad file to (set by the runner).
     """
 
     def __init__(self, skip_bad_samples: bool = False):
         self.skip_bad_samples = bool(skip_bad_samples)
-        self.num_bad_samples = 0
+        self.bad_sample_report: Optional[str] = None
+        self._bad_files: set = set()
+        self._bad_indices: set = set()
+        self._epoch = 0
+
+    @property
+    def num_bad_samples(self) -> int:
+        return len(self._bad_files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def _record_bad(self, index: int, error: BadSampleError) -> None:
+        self._bad_indices.add(index)
+        key = error.path or f'index {index}'
+        if key in self._bad_files:
+            return
+        self._bad_files.add(key)
+        logger.warning('skipping unreadable sample (%d distinct file(s) in this process so far): %s',
+                       len(self._bad_files), error)
+        if self.bad_sample_report:
+            with open(self.bad_sample_report, 'a', encoding='utf-8') as f:  # one short O_APPEND write per file
+                f.write(json.dumps({'file': key, 'index': index}) + '\n')
 
     def load_item(self, index: int):
         raise NotImplementedError
 
+    def image_files(self) -> list[tuple[str, int, str]]:
+        """(path, annotation index, annotation file) of every image the split reads, for the check of evaluation
+        splits before training (``data.image_check``): entries' ``image`` or ``images`` under ``image_root``."""
+        annotation, root = getattr(self, 'annotation', None), getattr(self, 'image_root', None)
+        if not isinstance(annotation, list) or root is None:
+            return []
+        ann_file = getattr(self, 'ann_file', '')
+        return [(join_root(root, path), index, ann_file) for index, entry in enumerate(annotation)
+                for path in ([entry['image']] if 'image' in entry else entry.get('images', []))]
+
     def __getitem__(self, index: int):
         if not self.skip_bad_samples:
             return self.load_item(index)
-        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD)):
-            try:
-                return self.load_item((index + offset) % len(self))
-            except BadSampleError as e:
-                self.num_bad_samples += 1
-                logger.warning('skipping bad sample (%d so far): %s', self.num_bad_samples, e)
+        draw = random.Random((self._epoch, index).__hash__())  # ints only: the same in every process
+        candidate, failures, limit = index, 0, min(len(self), MAX_CONSECUTIVE_BAD)
+        for _ in range(20 * limit):  # draws of known-bad indices cost no read
+            if candidate not in self._bad_indices:
+                try:
+                    return self.load_item(candidate)
+                except BadSampleError as e:
+                    self._record_bad(candidate, e)
+                    failures += 1
+            if failures >= limit or len(self._bad_indices) >= len(self):
+                break
+            candidate = draw.randrange(len(self))
         raise BadSampleError(f'{type(self).__name__}: {min(len(self), MAX_CONSECUTIVE_BAD)} consecutive '
                              f'unreadable samples starting at index {index}; the data is broken')
 

@@ -31,6 +31,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from engine.atomic import atomic_write_text
+
 VERSION = 2   # 2: NLVR statements balanced per sentence
 IMAGE_SIZE = 64
 KINDS = ('circle', 'square', 'triangle')
@@ -220,10 +222,7 @@ def write_video(path: Path, kind: str, colour: str, direction: str, frames: int)
 # -------------------------------------------------------------------------------------------- writing
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=None))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=None), fsync=False)
 
 
 def _make_split(root: Path, split: str, start: int, n: int, rng: random.Random) -> tuple[list, list[str]]:
@@ -309,9 +308,7 @@ def _video_files(root: Path, params: ToyParams, rng: random.Random) -> None:
         write_video(root / 'videos' / f'{clip}.mp4', kind, colour, direction, params.video_frames)
         lines.append(json.dumps({'clip_name': clip, 'caption': f'a {colour} {kind} moving {_direction_phrase(direction)}'}))
     path = root / 'annotation' / 'msrvtt_test.jsonl'
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text('\n'.join(lines) + '\n')
-    os.replace(tmp, path)
+    atomic_write_text(path, '\n'.join(lines) + '\n', fsync=False)
 
 
 def _direction_phrase(direction: str) -> str:

@@ -1,12 +1,10 @@
-"""Text cleaning exactly as the original BLIP (reference 7.2), annotation downloads, temporary files."""
+"""Text cleaning exactly as the original BLIP (reference 7.2), annotation downloads."""
 from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
-from typing import IO
 
 # Characters the original removes from captions and questions (reference 7.2). Commas,
 # apostrophes, '?', '-' and '/' are deliberately kept.
@@ -95,14 +93,3 @@ def ensure_annotation(filename: str, ann_root: str) -> str:
             raise FileNotFoundError(f'annotation file {path} is missing and downloading '
                                     f'{ANNOTATION_BASE_URL + filename} did not produce it')
     return path
-
-
-def open_temp_beside(path: str | os.PathLike, binary: bool = True) -> tuple[IO, Path]:
-    """A new, uniquely named file next to ``path``, open for writing, and its path: write it, then ``os.replace``
-    it onto ``path`` (a reader never sees half a file).
-
-    Unlike ``tempfile.mkstemp``, whose files are always private (0600), the file gets the permissions of the
-    process's umask, as ``open(path, 'w')`` would give: results and caches stay readable by a shared group."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    return open(tmp, 'xb' if binary else 'x', **({} if binary else {'encoding': 'utf-8'})), tmp

@@ -109,6 +109,6 @@ class VideoDataset(RobustDataset):
             frames = read_frames(path, self.num_frm, self.frm_sampling_strategy, self.max_img_size)
         except (OSError, ValueError, av.FFmpegError) as e:
             raise BadSampleError(f'cannot read video {path} (annotation index {index} of {self.ann_file}): '
-                                 f'{type(e).__name__}: {e}') from e
+                                 f'{type(e).__name__}: {e}', path=path) from e
         video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
         return self.transform(video), ann['clip_name']

@@ -65,6 +65,9 @@ class vqa_dataset(RobustDataset):
         root = self.vg_root if ann.get('dataset') == 'vg' else self.vqa_root
         return join_root(root, ann['image'])
 
+    def image_files(self) -> list[tuple[str, int, str]]:
+        return [(self.image_path(ann), file_index, path) for ann, (path, file_index) in zip(self.annotation, self.sources)]
+
     def load_item(self, index: int):
         ann = self.annotation[index]
         path, file_index = self.sources[index]

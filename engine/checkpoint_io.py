@@ -7,7 +7,6 @@ tensors/ints so that ``torch.load(weights_only=True)`` accepts the file).
 """
 from __future__ import annotations
 
-import glob
 import os
 import random
 import re
@@ -17,8 +16,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.atomic import atomic_write_with
 from engine.parallel import load_full_state, shard_optimizer_state
-from models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from models.checkpoint import CheckpointError, check_finite_state_dict, extract_state_dict, read_checkpoint
 from models.layout import optimizer_state_in_our_layout
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
@@ -52,26 +52,10 @@ def restore_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any moment leaves either the previous file or the new one, never a torn file. Temporary
-    files that an earlier, killed writer left behind (GBs for a pretraining checkpoint) are removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    for stale in path.parent.glob(f'.{glob.escape(path.name)}.tmp*'):
-        stale.unlink(missing_ok=True)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """``torch.save`` through ``engine.atomic.atomic_write``: a crash at any moment leaves either the previous file
+    or the new one; a temporary file that a killed writer on this host left behind (GBs for a pretraining
+    checkpoint) is removed, another live writer's never."""
+    return atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -142,8 +126,10 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     for key in ('model', 'epoch'):
         if key not in checkpoint:
             raise CheckpointError(f'{source}: not a training checkpoint (no {key!r} key)')
+    state_dict = extract_state_dict(checkpoint, source)
+    check_finite_state_dict(state_dict, source)
     try:  # sharded (FSDP) or not: each rank takes its part of the whole tensors
-        load_full_state(model, extract_state_dict(checkpoint, source), strict=True)
+        load_full_state(model, state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f'{source}: does not match the model: {e}') from e
     if optimizer is not None and checkpoint.get('optimizer'):

@@ -19,7 +19,10 @@ from typing import Any, Iterable, Optional
 
 from ruamel.yaml import YAML
 
-__all__ = ['CommonConfig', 'ConfigError', 'add_common_args', 'load_config', 'save_config', 'str2bool']
+from engine.atomic import atomic_write_text
+
+__all__ = ['CommonConfig', 'ConfigError', 'UsageError', 'add_common_args', 'load_config', 'refuse_unused_flags',
+           'save_config', 'str2bool']
 
 
 class ConfigError(ValueError):
@@ -97,23 +100,54 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f'expected a boolean, got {value!r}')
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The original scripts' flags, plus ``--options`` overrides and ``--resume``."""
+def add_common_args(parser: argparse.ArgumentParser, trains: bool = True,
+                    evaluates: bool = True) -> argparse.ArgumentParser:
+    """The original scripts' flags, plus ``--options`` overrides, ``--resume``, ``--overwrite`` and ``--debug``.
+
+    ``trains=False`` (evaluation-only scripts): ``--resume``/``--overwrite`` are left out of ``--help`` and
+    refused when given (``refuse_unused_flags``); ``evaluates=False`` (pretraining): the same for ``--evaluate``."""
+    hidden = argparse.SUPPRESS
     parser.add_argument('--config', required=True, help='YAML config (the original files work unchanged)')
     parser.add_argument('--output_dir', default='output', help='checkpoints, logs, results and config.yaml')
-    parser.add_argument('--evaluate', action='store_true', help='evaluate only')
+    parser.add_argument('--evaluate', action='store_true',
+                        help='evaluate only: no training, no checkpoint written' if evaluates and trains else hidden)
     parser.add_argument('--device', default='cuda', help="'cuda' (falls back to the CPU when absent) or 'cpu'")
-    parser.add_argument('--seed', default=42, type=int)
+    parser.add_argument('--seed', default=42, type=int,
+                        help='seed of the training order, augmentation and initialisation (default 42); each rank '
+                             'adds its rank')
     parser.add_argument('--world_size', default=1, type=int, help='number of processes (set by the launcher)')
     parser.add_argument('--dist_url', default='env://', help='process-group rendezvous')
-    parser.add_argument('--distributed', default=True, type=str2bool)
+    parser.add_argument('--distributed', default=True, type=str2bool, metavar='BOOL',
+                        help='join a process group when started by torchrun/srun (default true); false runs '
+                             'every launched process alone')
     parser.add_argument('--options', nargs='*', default=[], metavar='KEY=VALUE',
                         help='override config keys, e.g. batch_size=16 vit.drop_path_rate=0.1')
     parser.add_argument('--resume', default='', metavar='auto|PATH',
-                        help="continue a run: 'auto' = the latest checkpoint in --output_dir, or a file")
+                        help="continue a run: 'auto' = the latest checkpoint in --output_dir, or a file"
+                        if trains else hidden)
     parser.add_argument('--overwrite', action='store_true',
-                        help='train into an --output_dir that holds checkpoints of an earlier run, replacing them')
+                        help='train into an --output_dir that holds checkpoints of an earlier run, replacing them'
+                        if trains else hidden)
+    parser.add_argument('--debug', action='store_true',
+                        help='on an error, print the traceback too (also: environment variable BLIP_DEBUG=1)')
     return parser
+
+
+class UsageError(ConfigError):
+    """A command-line flag this script cannot honour (exit status 2, as argparse's own errors)."""
+
+
+def refuse_unused_flags(args: argparse.Namespace, script: str, trains: bool = True, evaluates: bool = True) -> None:
+    """Refuse flags that the script would otherwise ignore (see ``add_common_args``)."""
+    if not evaluates and args.evaluate:
+        raise UsageError(f'{script}: --evaluate is not supported: pretraining has no evaluation of its own. '
+                         f'Evaluate a pretraining checkpoint zero-shot with train_retrieval.py --evaluate '
+                         f'--options pretrained=CHECKPOINT (as the paper reports)')
+    if not trains:
+        given = [flag for flag, value in (('--resume', args.resume), ('--overwrite', args.overwrite)) if value]
+        if given:
+            raise UsageError(f"{script}: {' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: it "
+                             f"only evaluates and keeps no checkpoints to resume or replace")
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
@@ -233,7 +267,4 @@ def save_config(config, output_dir: str | os.PathLike, name: str = 'config.yaml'
     yaml = YAML(typ='safe', pure=True)
     yaml.default_flow_style = False
     yaml.dump(data, buf)
-    tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, buf.getvalue())

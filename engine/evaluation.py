@@ -29,6 +29,7 @@ What differs from the original is only how those numbers are computed (same valu
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -44,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.utils import open_temp_beside
+from engine.atomic import atomic_write
 from engine import distributed as du
 from engine.precision import autocast as _autocast
 
@@ -60,15 +61,8 @@ FILL = -100.0          # score of a pair that is not among a query's top-k candi
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    f, tmp = open_temp_beside(path, binary=False)
-    try:
-        with f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, binary=False) as f:
+        json.dump(obj, f)
 
 
 def _drop_duplicates(entries: list, key: str) -> list:
@@ -152,6 +146,17 @@ CAPTION_SCORERS: list[tuple[Callable[[], Any], tuple[str, ...]]] = [
 ]
 # Metrics reported as None (with a warning) when their scorer fails, instead of failing the evaluation.
 OPTIONAL_CAPTION_METRICS = frozenset({'SPICE'})
+# Optional scorers that failed in this process, and why: not retried (SPICE's CoreNLP download was attempted and
+# warned about 8 times per run), warned about once.
+_FAILED_OPTIONAL: dict[tuple, str] = {}  # (factory, names) -> why
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """pycocotools and the scorers print progress ('loading annotations into memory...', 'creating index...',
+    Bleu's lengths, SPICE's download notice): ~40 lines per evaluation, kept out of the run's output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _require_java() -> None:
@@ -169,11 +174,13 @@ def _load_caption_pairs(gt_file: str, results_file: str) -> tuple[dict, dict]:
         results = json.load(f)
     if not results:
         raise ValueError(f'coco_caption_eval: {results_file} holds no captions')
-    coco = COCO(gt_file)
+    with _quiet_stdout():
+        coco = COCO(gt_file)
     missing = sorted({r['image_id'] for r in results} - set(coco.getImgIds()))
     if missing:
         raise ValueError(f'coco_caption_eval: image ids {missing[:10]} of {results_file} are not in {gt_file}')
-    coco_res = coco.loadRes(results_file)
+    with _quiet_stdout():
+        coco_res = coco.loadRes(results_file)
     img_ids = coco_res.getImgIds()
     gts = {i: coco.imgToAnns[i] for i in img_ids}
     res = {i: coco_res.imgToAnns[i] for i in img_ids}
@@ -182,8 +189,9 @@ def _load_caption_pairs(gt_file: str, results_file: str) -> tuple[dict, dict]:
 
 def _run_scorer(factory: Callable[[], Any], names: Sequence[str], gts: dict, res: dict) -> dict:
     """One scorer's corpus-level metrics as plain floats."""
-    scorer = factory()
-    score, _ = scorer.compute_score(gts, res)
+    with _quiet_stdout():
+        scorer = factory()
+        score, _ = scorer.compute_score(gts, res)
     values = score if len(names) > 1 else [score]
     return {name: float(v) for name, v in zip(names, values)}
 
@@ -209,13 +217,19 @@ def coco_caption_eval(gt_file: str, results_file: str,
     gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
     metrics: dict = {}
     for factory, names in (CAPTION_SCORERS if scorers is None else scorers):
+        names = tuple(names)
+        optional = set(names) <= OPTIONAL_CAPTION_METRICS
+        if optional and (factory, names) in _FAILED_OPTIONAL:  # failed before in this run: not tried (nor warned) again
+            metrics.update({name: None for name in names})
+            continue
         try:
-            metrics.update(_run_scorer(factory, tuple(names), gts, res))
+            metrics.update(_run_scorer(factory, names, gts, res))
         except Exception as e:  # noqa: BLE001 - any failure of an optional metric is reported, not fatal
-            if not set(names) <= OPTIONAL_CAPTION_METRICS:
+            if not optional:
                 raise
-            warnings.warn(f'{"/".join(names)} unavailable ({type(e).__name__}: {e}); reported as None',
-                          RuntimeWarning, stacklevel=2)
+            _FAILED_OPTIONAL[factory, names] = f'{type(e).__name__}: {e}'
+            warnings.warn(f'{"/".join(names)} unavailable ({type(e).__name__}: {e}); reported as None for the '
+                          f'rest of this run', RuntimeWarning, stacklevel=2)
             metrics.update({name: None for name in names})
     for name, value in metrics.items():
         print(f'{name}: {"n/a" if value is None else f"{value:.3f}"}')

@@ -76,7 +76,7 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> dic
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteLossError(f'non-finite loss at epoch {epoch} step {step}: {bad} (all losses: {values}); '
-                                 f'stopped before the update, checkpoints on disk are from earlier steps')
+                                 f'stopped before the update')
     return values
 
 
@@ -86,7 +86,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     accum_steps: int = 1, clip_grad: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
                     logger=None, start_step: int = 0, save_every_steps: int = 0,
                     save_fn: Optional[Callable[[int, dict], None]] = None, log_every: int = 50,
-                    step_updates: bool = False, start_totals: Optional[dict] = None) -> dict:
+                    step_updates: bool = False, start_totals: Optional[dict] = None, save_at_end: bool = False) -> dict:
     """Train one epoch from ``start_step``; return the epoch's mean losses (over ranks) and last LR.
 
     ``save_fn(next_step, totals)`` is called on every rank after each ``save_every_steps``-th optimizer step;
@@ -96,6 +96,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     ``lr_fn`` receives the optimizer-step index (batch index // ``accum_steps``), so a warm-up of N steps
     spans N updates whatever the accumulation. The last window of an epoch that ``accum_steps`` does not
     divide averages over the batches it has.
+
+    ``save_at_end``: ``save_fn(steps, totals)`` after the last step too, so that what follows the epoch (its
+    evaluation) can fail without losing it.
 
     ``step_updates``: ``step_fn`` runs backward and the optimizer update itself (a step replayed as CUDA graphs,
     ``engine.cuda_graph.TrainStep``, which accumulates, clips and skips the update of a non-finite window on the
@@ -154,6 +157,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             save_fn(step + 1, _totals_over_ranks(sums, count, device))
     bar.close()
     totals = _totals_over_ranks(sums, count, device)
+    if save_fn is not None and save_at_end and start_step < steps:
+        save_fn(steps, totals)
     n = max(totals['count'], 1)
     return {'lr': lr, **{k: v / n for k, v in totals['sums'].items()}}
 

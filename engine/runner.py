@@ -8,7 +8,10 @@ and atomic checkpoints live here and in the modules it calls, never in the scrip
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -18,18 +21,27 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import create_dataset, create_loader, create_sampler
+from data.image_check import check_images
+from data.loading import BadSampleError
 from engine import distributed as du
 from engine import parallel
 from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
-from engine.config import CommonConfig, ConfigError, add_common_args, key_source, load_config, save_config
-from engine.logging import JsonLogger
-from engine.loop import AMP_DTYPES, ResumableSampler, train_one_epoch
+from engine.config import (CommonConfig, ConfigError, add_common_args, key_source, load_config, refuse_unused_flags,
+                           save_config)
+from engine.lock import lock_output_dir, release_output_dir
+from engine.logging import JsonLogger, logs_to_resume_point
+from engine.loop import AMP_DTYPES, NonFiniteLossError, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
 from models.checkpoint import is_url
 from models.compile import compile_layers
 
 __all__ = ['CommonConfig', 'Run', 'StepContext', 'check_checkpoint_paths', 'check_output_dir', 'cosine_epoch_lr',
            'gather_objects', 'mid_epoch_start_step', 'progress', 'remove_earlier_run', 'trains_afresh']
+
+
+def _remove_if_there(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def cosine_epoch_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -158,12 +170,28 @@ class Run:
         self.resume_hooks: list[Callable[[tuple[int, int]], None]] = []
 
     @classmethod
-    def start(cls, argv: Optional[Sequence[str]], schema: type, description: str = '') -> 'Run':
+    def start(cls, argv: Optional[Sequence[str]], schema: type, description: str = '', trains: bool = True,
+              evaluates: bool = True) -> 'Run':
+        """``trains=False``: an evaluation-only script; ``evaluates=False``: a script with no evaluation
+        (pretraining). Flags that they would ignore are hidden from ``--help`` and refused."""
         parser = argparse.ArgumentParser(description=(description or '').strip().splitlines()[0] if description else None)
-        add_common_args(parser)
+        add_common_args(parser, trains=trains, evaluates=evaluates)
         args = parser.parse_args(argv)
+        refuse_unused_flags(args, parser.prog, trains, evaluates)
+        if not trains:
+            args.evaluate = True  # nothing of an earlier run in --output_dir is at stake
         config = load_config(args.config, schema, args.options or [])
         check_checkpoint_paths(args, config)
+        if du.read_dist_env().get('rank', 0) == 0:  # one holder per run; refused at once while another run is live there
+            lock_output_dir(args.output_dir)
+        try:
+            return cls._start_locked(args, config)
+        except BaseException:
+            release_output_dir(args.output_dir)
+            raise
+
+    @classmethod
+    def _start_locked(cls, args: argparse.Namespace, config) -> 'Run':
         check_output_dir(args)
         du.init_distributed_mode(args)
         device = resolve_device(args.device)
@@ -193,6 +221,7 @@ class Run:
                 distributed_eval: bool = True) -> list:
         """Loaders with DistributedSamplers when distributed (eval ones too unless ``distributed_eval=False``)."""
         n = len(datasets)
+        self._check_evaluation_images([d for d, train in zip(datasets, is_trains) if not train])
         world, rank = du.get_world_size(), du.get_rank()
         # Training always goes through a seeded DistributedSampler (one replica when not distributed) so
         # that an epoch's order depends on (seed, epoch) only and a resumed epoch can skip what it did.
@@ -206,11 +235,36 @@ class Run:
                 samplers.append(sampler if self.distributed and distributed_eval else None)
         loaders = create_loader(datasets, samplers, batch_size=batch_sizes, num_workers=[self.config.num_workers] * n,
                                 is_trains=is_trains, collate_fns=collate_fns or [None] * n)
+        for dataset, train in zip(datasets, is_trains):
+            if train and getattr(dataset, 'skip_bad_samples', False):
+                # every worker appends the bad files it meets here; the epoch's log line gets their number
+                fd, dataset.bad_sample_report = tempfile.mkstemp(prefix='blip_bad_samples_', suffix='.jsonl')
+                os.close(fd)
+                atexit.register(_remove_if_there, dataset.bad_sample_report)
         for loader, sampler in zip(loaders, samplers):
             self._samplers[id(loader)] = sampler
             # worker seeds come from this generator, not from the global RNG that resume restores
             loader.generator = torch.Generator()
         return loaders
+
+    def _check_evaluation_images(self, datasets: list) -> None:
+        """Every evaluation image opens, or the run stops now and not after its first training epoch. Rank 0
+        checks; every rank raises the same error."""
+        error = None
+        if self.is_main:
+            try:
+                for dataset in datasets:
+                    refs = dataset.image_files() if hasattr(dataset, 'image_files') else []
+                    split = f"{type(dataset).__name__} ({refs[0][2] if refs else ''})"
+                    check_images(refs, split)
+            except BadSampleError as e:
+                error = str(e)
+        if self.distributed:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise BadSampleError(error)
 
     # ------------------------------------------------------------------------------------------ model
     def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False,
@@ -257,6 +311,10 @@ class Run:
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._maybe_resume()
+        if self.is_main and not self.args.evaluate:
+            # the logs continue exactly where the weights do: a fresh run (no checkpoint, so the logs are those
+            # of a run that never saved) starts them anew
+            logs_to_resume_point(self.output_dir, self.start_epoch, self.start_step)
         if self.config.compile:
             n = compile_layers(model)
             if self.is_main:
@@ -310,13 +368,21 @@ class Run:
             return range(self.start_epoch, self.start_epoch + 1)
         return range(self.start_epoch, self.config.max_epoch)
 
-    def train_epoch(self, epoch: int, loader, step_fn: Callable, lr_fn: Callable[[int], float]) -> dict:
-        """One epoch of ``step_fn(model, batch, ctx) -> {loss_name: tensor}``; returns averaged metrics."""
+    def train_epoch(self, epoch: int, loader, step_fn: Callable, lr_fn: Callable[[int], float],
+                    save_before_eval: bool = True) -> dict:
+        """One epoch of ``step_fn(model, batch, ctx) -> {loss_name: tensor}``; returns averaged metrics.
+
+        ``save_before_eval``: the trained epoch is saved (``checkpoint_last.pth`` continuing at its end, where
+        ``--resume`` goes straight to the evaluation) before the script evaluates it, so that a failing
+        evaluation cannot lose it; scripts that do not evaluate after the epoch pass False."""
         sampler = self._samplers.get(id(loader))
         if sampler is not None and hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch)
         if hasattr(loader.dataset, 'set_epoch'):
             loader.dataset.set_epoch(epoch)
+        report = getattr(loader.dataset, 'bad_sample_report', None)
+        if report:
+            open(report, 'w').close()
         if loader.generator is not None:
             loader.generator.manual_seed(self.args.seed * 100_003 + epoch * 1009 + du.get_rank())
         steps = len(loader)
@@ -344,12 +410,37 @@ class Run:
         if saved and start_step and (saved['epoch'], saved['step']) == (epoch, start_step):
             start_totals = saved
             start_step = mid_epoch_start_step(saved, loader.batch_size, du.get_world_size(), steps)
-        return train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
-                               precision=self.precision, accum_steps=self.config.accum_steps,
-                               clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
-                               device=self.device, start_step=start_step, log_every=self.config.log_every,
-                               save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                               step_updates=self.config.get('cuda_graph', False), start_totals=start_totals)
+        try:
+            stats = train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
+                                   precision=self.precision, accum_steps=self.config.accum_steps,
+                                   clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
+                                   device=self.device, start_step=start_step, log_every=self.config.log_every,
+                                   save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
+                                   step_updates=self.config.get('cuda_graph', False), start_totals=start_totals,
+                                   save_at_end=save_before_eval)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f'{e}; {self._checkpoints_on_disk()}') from None
+        if report:
+            stats['bad_samples'] = self._bad_samples_of_epoch(report, epoch)
+        return stats
+
+    def _bad_samples_of_epoch(self, report: str, epoch: int) -> int:
+        """Distinct unreadable files every rank's workers met this epoch (``skip_bad_samples``), for log.txt."""
+        with open(report, encoding='utf-8') as f:
+            files = sorted({json.loads(line)['file'] for line in f if line.strip()})
+        files = sorted(set(gather_objects(files)))
+        if files and self.is_main:
+            print(f'epoch {epoch}: {len(files)} unreadable training file(s) replaced by random other samples '
+                  f'(skip_bad_samples), e.g. {files[:3]}')
+        return len(files)
+
+    def _checkpoints_on_disk(self) -> str:
+        """What a stopped run leaves to continue from, said as it is (there may be none)."""
+        latest = find_latest_checkpoint(self.output_dir)
+        if latest is None:
+            return (f'no checkpoint was written in {self.output_dir} yet; lower init_lr, set clip_grad or check the '
+                    f'pretrained weights ({self.config.get("pretrained", "") or "none"})')
+        return f'{latest} holds the last good weights (--resume auto continues from it)'
 
     # ------------------------------------------------------------------------------------------ outputs
     def save(self, name: str, epoch: int) -> None:
@@ -431,3 +522,5 @@ class Run:
         du.barrier()
         if self.distributed:
             dist.destroy_process_group()
+        if self.is_main:
+            release_output_dir(self.output_dir)

@@ -5,13 +5,16 @@
   * remaps are explicit pure functions (pos-embed resize here, model-specific ones through a
     ``remap_checkpoint(state_dict)`` method on the model, e.g. the NLVR2 twin expansion);
   * keys the model does not use are dropped *and reported*; a shape mismatch is an error naming the
-    key and both shapes (the original silently deleted such keys).
+    key and both shapes (the original silently deleted such keys);
+  * weights holding NaN or inf are refused, naming the keys (a NaN in one attention projection still gave a
+    plausible caption on the CPU); ``BLIP_ALLOW_NONFINITE_WEIGHTS=1`` loads them anyway, for forensics.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 from urllib.parse import urlparse
@@ -25,6 +28,29 @@ from models.vit import interpolate_pos_embed
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+ALLOW_NONFINITE_ENV = 'BLIP_ALLOW_NONFINITE_WEIGHTS'
+
+
+def nonfinite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_state_dict(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that are not finite, naming the file and the keys, unless ``BLIP_ALLOW_NONFINITE_WEIGHTS=1``."""
+    bad = nonfinite_keys(state_dict)
+    if not bad:
+        return
+    shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+    if os.environ.get(ALLOW_NONFINITE_ENV, '') not in ('', '0'):
+        print(f'warning: {source}: {len(bad)} tensor(s) hold NaN/inf ({shown}); loaded anyway ({ALLOW_NONFINITE_ENV})')
+        return
+    raise CheckpointError(f'{source}: {len(bad)} tensor(s) hold NaN or inf values: {shown}. The weights are '
+                          f'broken (a diverged run?); use an earlier checkpoint. To load them anyway for '
+                          f'inspection set {ALLOW_NONFINITE_ENV}=1')
 
 
 class LoadResult(NamedTuple):
@@ -86,13 +112,20 @@ def torch_load_checked(path: str | os.PathLike):
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f'{path}: the file is empty (0 bytes; a copy or download that did not finish?)')
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({size} bytes, neither the zip archive that '
+                              f'torch.save writes nor a legacy pickle): a wrong or damaged file?')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        offending = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if offending is None:  # not a disallowed class: a damaged pickle
+            raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({size} bytes; its pickle is '
+                                  f'damaged: {_weights_unpickler_reason(e)})') from None
         raise CheckpointError(
-            f'{path}: refused to load: the file holds pickled Python objects that would run code when '
-            f'loaded (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). Only load files '
-            f'you trust; re-save a trusted one as a plain dict of tensors.') from e
+            f'{path}: refused to load: the file holds pickled Python objects ({offending.group(1)}) that would run '
+            f'code when loaded. Only tensors, numbers, strings and containers of them are read; re-save a '
+            f'file you trust as a plain dict of tensors.') from None
     except Exception as e:  # torch's own traceback adds nothing to the file name and its message
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({size} bytes; torch.load: '
                               f'{type(e).__name__}: {e}); truncated, or not a torch.save file?') from None
@@ -124,6 +157,20 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(sd.get('model', sd)) if isinstance(sd, Mapping) else sd
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """torch.save's zip archive (perhaps truncated), or a legacy (pre-1.6) file: a pickle protocol byte first."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head == b'PK\x03\x04' or head[:1] == b'\x80'
+
+
+def _weights_unpickler_reason(error: Exception) -> str:
+    """The unpickler's own reason, without torch's advice to load with weights_only=False."""
+    text = str(error)
+    found = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
+    return ' '.join((found.group(1) if found else text.splitlines()[-1]).split())
+
+
 def extract_state_dict(checkpoint: Mapping[str, Any], source: str = '') -> dict[str, torch.Tensor]:
     """``checkpoint['model']`` (our and the original's layout), else the dict itself; HF layouts converted."""
     state_dict = checkpoint.get('model', checkpoint)
@@ -149,8 +196,11 @@ def resize_pos_embeds(state_dict: dict, model: nn.Module) -> dict:
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = '',
-                            verbose: bool = True) -> LoadResult:
-    """Load with every difference accounted for: unused keys dropped and reported, bad shapes an error."""
+                            verbose: bool = True, fresh: frozenset = frozenset()) -> LoadResult:
+    """Load with every difference accounted for: unused keys dropped and reported, bad shapes an error,
+    non-finite weights refused. ``fresh``: keys the model initialises itself when the file lacks them (a new
+    task head, VQA's decoder cross-attention K/V of a ViT-L pretrain file); they are reported apart from the
+    missing ones, so the log's count of missing keys is the one a refusal then names."""
     own = model.state_dict()
     unexpected = sorted(k for k in state_dict if k not in own)
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
@@ -161,16 +211,21 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
                               f"than the checkpoint's: check vit, image_size and med_config):\n  "
                               + '\n  '.join(shown))
     kept = {k: v for k, v in state_dict.items() if k in own}
+    check_finite_state_dict(kept, source)
     result = model.load_state_dict(kept, strict=False)
     missing = sorted(result.missing_keys)
+    lacking = [k for k in missing if k not in fresh]
     if verbose:
         print(f'load checkpoint from {source}: {len(kept)} keys loaded, {len(unexpected)} unused keys dropped'
               + (f' (e.g. {unexpected[:3]})' if unexpected else '')
-              + f', {len(missing)} missing' + (f' (e.g. {missing[:3]})' if missing else ''))
+              + f', {len(lacking)} missing' + (f' (e.g. {lacking[:3]})' if lacking else '')
+              + (f', {len(missing) - len(lacking)} key(s) this model initialises afresh when absent'
+                 if len(missing) > len(lacking) else ''))
     return LoadResult(missing, unexpected)
 
 
-def load_checkpoint(model: nn.Module, url_or_filename: str, verbose: bool = True) -> tuple[nn.Module, LoadResult]:
+def load_checkpoint(model: nn.Module, url_or_filename: str, verbose: bool = True,
+                    fresh: frozenset = frozenset()) -> tuple[nn.Module, LoadResult]:
     """Load an official BLIP (or our, or HF-format) checkpoint into ``model``.
 
     Returns:
@@ -181,5 +236,5 @@ def load_checkpoint(model: nn.Module, url_or_filename: str, verbose: bool = True
     state_dict = resize_pos_embeds(state_dict, model)
     if hasattr(model, 'remap_checkpoint'):
         state_dict = model.remap_checkpoint(state_dict)
-    return model, load_state_dict_checked(model, state_dict, str(url_or_filename), verbose)
+    return model, load_state_dict_checked(model, state_dict, str(url_or_filename), verbose, frozenset(fresh))
 

@@ -186,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sd = load_hf_blip(args.src, torch.float32 if args.fp32 else None)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         sys.exit(f'error: {e}')
-    tmp = f'{args.dst}.tmp'
+    tmp = f'{args.dst}.{os.getpid()}.tmp'  # this writer's own temp file
     torch.save({'model': sd}, tmp)
     os.replace(tmp, args.dst)  # never leave a half-written checkpoint behind
     print(f'wrote {len(sd)} tensors to {args.dst}')

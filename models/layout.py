@@ -237,5 +237,7 @@ def load_pretrained(model: nn.Module, pretrained: str, factory: str) -> set[str]
     and refuse gaps ``MAY_BE_MISSING[factory]`` does not declare; returns the declared keys that were missing."""
     if not pretrained:
         return set()
-    _, msg = load_checkpoint(model, pretrained)
+    keys = set(model.state_dict())
+    # the keys this factory may leave at their initial values are logged apart from the missing ones
+    _, msg = load_checkpoint(model, pretrained, fresh=frozenset(MAY_BE_MISSING[factory](keys, keys)))
     return check_missing(factory, model, msg.missing_keys, pretrained)

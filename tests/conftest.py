@@ -34,6 +34,16 @@ def pytest_collection_modifyitems(items) -> None:
     items.sort(key=lambda item: item.get_closest_marker('learning') is None)  # stable: file order otherwise
 
 
+@pytest.fixture(autouse=True)
+def _release_output_dir_locks():
+    """A script run in-process that raised keeps its output folder's lock (a real process drops it on exit):
+    drop it after each test, as the process's end would."""
+    yield
+    from engine import lock
+    for held in list(lock._HELD.values()):
+        held.release()
+
+
 @pytest.fixture(scope='module')
 def module_dir(tmp_path_factory):
     """``module_dir(name)`` makes a folder that is deleted when the module's tests are done.

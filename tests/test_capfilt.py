@@ -388,3 +388,19 @@ def test_rank_0_stops_waiting_for_shards_that_never_come(tmp_path):
         capfilt.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)
     (tmp_path / 'shards' / 'shard_000001.json').write_text('{}')
     capfilt.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)   # all there: returns at once
+
+
+def test_changed_settings_are_named_and_overwrite_starts_over(setup, full_run, tmp_path):
+    """The refusal said only that two fingerprints differ, and --overwrite (listed in --help) had no effect."""
+    import capfilt
+    out, full = full_run
+    copy = tmp_path / 'out'
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(capfilt.ShardMismatchError, match=r'num_captions: \d+ -> 3'):
+        run_capfilt(setup, copy, 'threshold=0.0', 'num_captions=3')
+    summary = capfilt.main(['--config', str(setup['config']), '--output_dir', str(copy), '--device', 'cpu',
+                            '--overwrite', '--options', 'threshold=0.0', 'num_captions=3'])
+    assert summary['num_captions'] == 3 and summary['images_this_run'] == full['images_seen']
+    assert summary['synthetic_kept'] - summary['synthetic_pairs_out'] == summary['synthetic_duplicates']

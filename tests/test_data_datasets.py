@@ -228,7 +228,9 @@ def test_skip_bad_samples_counts_logs_and_replaces(broken, caplog):
     with caplog.at_level(logging.WARNING):
         items = [ds[i] for i in range(len(ds))]
     assert ds.num_bad_samples == 1 and 'COCO_val2014_000000384029.jpg' in caplog.text
-    assert [it[1] for it in items] == ['a man riding a horse', 'a rider', 'a rider']  # index 1 -> next (2)
+    captions = [it[1] for it in items]
+    assert captions[0] == 'a man riding a horse' and captions[2] == 'a rider'
+    assert captions[1] in captions[::2] and captions == [ds[i][1] for i in range(len(ds))]  # a random other, reproducible
     all_bad = coco_karpathy_caption_eval(to_tensor, str(img), str(ann), 'val', skip_bad_samples=True)
     with pytest.raises(BadSampleError, match='consecutive'):
         all_bad[0]

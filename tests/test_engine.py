@@ -7,6 +7,8 @@ import os
 import pickle
 import random
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -396,11 +398,25 @@ def test_empty_truncated_or_foreign_checkpoint_files_say_what_they_are(tmp_path)
     (tmp_path / 'config.pth').write_text('batch_size: 8\n')
     with pytest.raises(CheckpointError, match=r'empty\.pth: the file is empty \(0 bytes'):
         read_checkpoint(str(tmp_path / 'empty.pth'))
-    for name in ('half.pth', 'config.pth'):
-        with pytest.raises(CheckpointError, match=rf'{name}: not a readable PyTorch checkpoint \(\d+ bytes; '
-                                                  r'torch\.load: .*truncated, or not a torch\.save file') as e:
+    with pytest.raises(CheckpointError, match=r'half\.pth: not a readable PyTorch checkpoint \(\d+ bytes; '
+                                              r'torch\.load: .*truncated, or not a torch\.save file') as e:
+        read_checkpoint(str(tmp_path / 'half.pth'))
+    assert e.value.__cause__ is None and e.value.__suppress_context__   # no torch-internal traceback
+    with pytest.raises(CheckpointError, match=r'config\.pth: not a PyTorch checkpoint \(\d+ bytes'):
+        read_checkpoint(str(tmp_path / 'config.pth'))
+
+
+def test_random_bytes_are_not_a_checkpoint_and_the_unsafe_flag_is_never_suggested(tmp_path):
+    """Random bytes were reported as 'pickled Python objects that would run code', quoting torch's advice to load
+    with weights_only=False; a damaged pickle is also not 'code'."""
+    from models.checkpoint import read_checkpoint
+    rng = np.random.default_rng(0)
+    (tmp_path / 'random.pth').write_bytes(rng.bytes(3000))
+    (tmp_path / 'bad_pickle.pth').write_bytes(b'\x80\x02' + rng.bytes(3000))
+    for name in ('random.pth', 'bad_pickle.pth'):
+        with pytest.raises(CheckpointError, match=rf'{name}: not a (readable )?PyTorch checkpoint') as e:
             read_checkpoint(str(tmp_path / name))
-        assert e.value.__cause__ is None and e.value.__suppress_context__   # no torch-internal traceback
+        assert 'weights_only' not in str(e.value) and 'run code' not in str(e.value)
 
 
 def test_hf_folders_and_safetensors_files_get_the_same_clear_refusals(tmp_path):
@@ -447,12 +463,43 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert find_latest_checkpoint(tmp_path) == path
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
 def test_temporary_file_of_a_killed_writer_is_removed_by_the_next_save(tmp_path):
+    from engine.atomic import _HOST
     path, _, _ = _ckpt(tmp_path, name='checkpoint_last.pth')
-    (tmp_path / '.checkpoint_last.pth.tmp4242').write_bytes(b'x' * 1000)   # SIGKILL mid-write leaves this
-    (tmp_path / '.other.pth.tmp4242').write_bytes(b'x')                     # another file's: not touched
+    dead = f'.checkpoint_last.pth.{_HOST}.{_dead_pid()}.0a0a0a0a.tmp'
+    (tmp_path / dead).write_bytes(b'x' * 1000)                                  # SIGKILL mid-write leaves this
+    (tmp_path / f'.other.pth.{_HOST}.{_dead_pid()}.0b0b0b0b.tmp').write_bytes(b'x')  # another file's: not touched
     _ckpt(tmp_path, name='checkpoint_last.pth')
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['.other.pth.tmp4242', 'checkpoint_last.pth']
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in tmp_path.glob('.other*')]
+                                                                + ['checkpoint_last.pth'])
+
+
+def test_a_live_writers_temporary_file_is_never_removed_by_another_writer(tmp_path):
+    """Two processes writing the same checkpoint: the old code named temp files by pid and deleted every
+    ``.checkpoint_last.pth.tmp*`` before writing, so one writer's rename failed with FileNotFoundError."""
+    from engine.atomic import atomic_write, temp_path
+    path = tmp_path / 'checkpoint_last.pth'
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        from engine import atomic
+        theirs = tmp_path / f'.checkpoint_last.pth.{atomic._HOST}.{live.pid}.0c0c0c0c.tmp'
+        theirs.write_bytes(b'half of their checkpoint')
+        atomic_torch_save({'model': {}}, path)
+        assert theirs.exists() and path.exists()
+        assert temp_path(path) != temp_path(path)  # every write its own name, even in one process
+        with pytest.raises(RuntimeError), atomic_write(path) as f:  # a failed write removes only its own file
+            f.write(b'x')
+            raise RuntimeError
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, path.name])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_weights_that_are_not_finite_never_replace_a_checkpoint(tmp_path):

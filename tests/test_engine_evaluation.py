@@ -296,3 +296,32 @@ def test_vqa_accuracy_normalisation_averaging_and_errors():
     assert ev.normalize_vqa_answer('3.5 ten') == '3.5 10'
     with pytest.raises(KeyError, match='question_id 99'):
         ev.vqa_accuracy([{'question_id': 99, 'answer': 'yes'}], ann)
+
+
+def test_caption_evaluation_is_quiet_and_an_unavailable_spice_is_tried_and_warned_about_once(tmp_path, monkeypatch,
+                                                                                              capfd):
+    """Each evaluation printed pycocotools' and the scorers' progress (~40 lines per epoch) and SPICE's download
+    notice and warning 8 times per run."""
+    import warnings
+    gt = {'images': [{'id': i} for i in GT_CAPTIONS],
+          'annotations': [{'image_id': i, 'id': 10 * i + j, 'caption': c}
+                          for i, caps in GT_CAPTIONS.items() for j, c in enumerate(caps)]}
+    (tmp_path / 'gt.json').write_text(json.dumps(gt))
+    (tmp_path / 'res.json').write_text(json.dumps([{'image_id': 1, 'caption': 'a dog on the grass'}]))
+    tries = []
+
+    def spice_offline():
+        tries.append(1)
+        print('Downloading stanford-corenlp-3.6.0 for SPICE ...')
+        raise OSError('offline')
+
+    scorers = [(f, n) if n != ('SPICE',) else (spice_offline, n) for f, n in ev.CAPTION_SCORERS]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(4):  # val and test of two epochs
+            out = ev.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'), scorers=scorers)
+            assert out['SPICE'] is None and out['CIDEr'] is not None
+    assert len(tries) == 1 and len([w for w in caught if 'SPICE' in str(w.message)]) == 1
+    printed = capfd.readouterr().out
+    assert 'Downloading' not in printed and 'creating index' not in printed and 'testlen' not in printed
+    assert len(printed.splitlines()) == 4 * 8  # one line per metric

@@ -199,6 +199,7 @@ def test_mid_epoch_resume_point_of_one_process_continues_under_two(toy, tmp_path
     processes at step 1 of their 6: the per-rank step count was reused as is, which skipped other samples, or
     ran past the new epoch's end and left the ranks waiting in different collectives."""
     import pretrain
+    from engine.lock import release_output_dir
     from engine.runner import Run
     save = Run.save_resume_point
 
@@ -211,6 +212,7 @@ def test_mid_epoch_resume_point_of_one_process_continues_under_two(toy, tmp_path
     out = tmp_path / 'out'
     with pytest.raises(_Stop):
         pretrain.main(argv('pretrain', toy, out) + ['save_every_steps=2'])
+    release_output_dir(out)  # as the killed process's end would
     saved = torch.load(out / 'checkpoint_last.pth', weights_only=True)['resume']
     assert (saved['epoch'], saved['step']) == (0, 2)
     assert saved['progress']['epoch_totals']['samples'] == 16
