@@ -7,7 +7,7 @@ so both see the same load on a shared machine. Tokens are checked equal before t
 runs to ``max_length`` (``--min-length`` = ``--max-length``): random weights end captions at random places, a
 fixed number of steps makes the work per call the same for both.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/onnx_caption.py --threads 2 --batches 1,2 --num-beams 3 \
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/onnx_caption.py --threads 2 --batches 1,2 --num-beams 3 --ort-no-spin \
         --json bench_results/cpu_onnx_caption.jsonl
 
 On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: PyTorch's OpenMP threads otherwise spin at
