@@ -7,11 +7,18 @@ so both see the same load on a shared machine. Tokens are checked equal before t
 runs to ``max_length`` (``--min-length`` = ``--max-length``): random weights end captions at random places, a
 fixed number of steps makes the work per call the same for both.
 
-    python benchmarks/onnx_caption.py --threads 2 --batches 1,2 --num-beams 3 --json bench_results/onnx_caption.jsonl
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/onnx_caption.py --threads 2 --batches 1,2 --num-beams 3 --ort-no-spin \
+        --json bench_results/cpu_onnx_caption.jsonl
+
+On a CPU shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: PyTorch's OpenMP threads otherwise spin at
+every barrier, and with more runnable threads than cores a descheduled partner turns each of the thousands of
+small parallel regions per decode step into a wait for a time slice (measured here under a load average of
+~12 on 2 cores: tiny model, beam 3, 2 threads, 12.3 s per caption spinning vs 0.08 s passive).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -37,6 +44,7 @@ def main(argv=None):
     p.add_argument('--num-beams', type=int, default=3)
     p.add_argument('--max-length', type=int, default=20)
     p.add_argument('--min-length', type=int, default=None, help='default: --max-length (fixed work per call)')
+    p.add_argument('--ort-no-spin', action='store_true', help="onnxruntime's idle threads sleep instead of spinning")
     p.set_defaults(device='cpu', amp='none', warmup=1)
     args = finish_args(p.parse_args(argv))
     if args.device != 'cpu' or args.amp != 'none':
@@ -53,7 +61,7 @@ def main(argv=None):
         (Path(tmp) / 'export.json').write_text(json.dumps(manifest))
         print(f'export {time.perf_counter() - t0:.0f} s; max |onnxruntime - PyTorch| on the export inputs: '
               f"{manifest['max_abs_diff_vs_pytorch']}", flush=True)
-        captioner = OnnxCaptioner(tmp, threads=threads)
+        captioner = OnnxCaptioner(tmp, threads=threads, spin=not args.ort_no_spin)
         for B in (int(b) for b in args.batches.split(',')):
             args.batch = B
             image = torch.randn(B, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(B))
@@ -82,7 +90,10 @@ def main(argv=None):
                 report(args, 'onnx_caption', name, timing, B,
                        extra={'num_beams': args.num_beams, 'max_length': args.max_length, 'min_length': min_length,
                               'threads': threads, 'opset': manifest['opset'], 'tokens_equal': same,
-                              'random_weights': True, 'onnxruntime': ort_version})
+                              'random_weights': True, 'onnxruntime': ort_version,
+                              'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'),
+                              'ort_spinning': not args.ort_no_spin,
+                              'loadavg_1min': os.getloadavg()[0]})
 
 
 if __name__ == '__main__':

@@ -24,12 +24,14 @@ import torch
 from models import generation
 
 
-def _session(path: Path, threads: Optional[int], providers: Optional[Sequence[str]]):
+def _session(path: Path, threads: Optional[int], providers: Optional[Sequence[str]], spin: bool = True):
     import onnxruntime as ort
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:  # idle worker threads sleep instead of spinning: kinder to a CPU shared with other jobs
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=list(providers or ['CPUExecutionProvider']))
 
@@ -66,7 +68,8 @@ class OnnxStep:
 class OnnxCaptioner:
     """The three caption graphs of an export folder, with its tokenizer and settings (``export.json``)."""
 
-    def __init__(self, folder: str | Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    def __init__(self, folder: str | Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                 spin: bool = True):
         from models.blip import init_tokenizer
         self.folder = Path(folder)
         manifest_path = self.folder / 'export.json'
@@ -77,7 +80,7 @@ class OnnxCaptioner:
             raise ValueError(f"{self.folder}: exported for task {self.manifest['task']!r}, not 'caption'")
         files = self.manifest['files']
         self.image_encoder, self.cross_kv, self.step = (
-            _session(self.folder / files[name]['file'], threads, providers)
+            _session(self.folder / files[name]['file'], threads, providers, spin)
             for name in ('image_encoder', 'decoder_cross_kv', 'decoder_step'))
         self.tokenizer = init_tokenizer(str(self.folder))
         self.image_size = self.manifest['image_size']
@@ -119,10 +122,11 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     parser.add_argument('--min-length', type=int, default=5)
     parser.add_argument('--sample', action='store_true', help='nucleus sampling instead of beam search')
     parser.add_argument('--threads', type=int, default=None, help='onnxruntime intra-op threads (default: all)')
+    parser.add_argument('--no-spin', action='store_true', help='idle onnxruntime threads sleep (shared CPUs)')
     args = parser.parse_args(argv)
     from predict import load_image
     try:
-        captioner = OnnxCaptioner(args.folder, args.threads)
+        captioner = OnnxCaptioner(args.folder, args.threads, spin=not args.no_spin)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     pixels = torch.cat([load_image(path, captioner.image_size, 'cpu') for path in args.images])
