@@ -168,7 +168,7 @@ def build_train_set(run: Run, config: PretrainConfig):
     the toy data is written here on first use)."""
     if not config.train_shards:
         train_set = run.datasets('pretrain', min_scale=0.2)
-        train_set.seed = run.args.seed   # per-sample augmentation seeds (data.shards.seeded_augmentation)
+        train_set.seed = run.args.seed   # per-sample augmentation seeds (data.loading.seeded_augmentation)
         return train_set
     if config.laion_path:
         raise ValueError(f'{run.args.config}: laion_path and train_shards: give the LAION shards in train_shards')

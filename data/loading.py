@@ -14,6 +14,8 @@ import random
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
+import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
@@ -206,3 +208,21 @@ class RobustDataset(Dataset):
 def join_root(root: str, path: str) -> str:
     """``os.path.join`` that leaves absolute paths alone (as the original's joins do)."""
     return os.path.join(root, path) if root else path
+
+
+@contextmanager
+def seeded_augmentation(seed: int, epoch: int, sample_id: int) -> Iterator[None]:
+    """Seed torch's and numpy's global RNGs (what torchvision's random transforms and RandomAugment draw from)
+    by (seed, epoch, sample id) for one sample, and restore them afterwards: a sample's augmentation is a function
+    of its id, not of which worker made it or how many samples that worker made before."""
+    mixed = np.random.SeedSequence([seed, epoch, sample_id]).generate_state(2)
+    # the CPU generator only: torch.manual_seed / fork_rng also reach CUDA's, ~2 ms a sample
+    cpu = torch.default_generator
+    torch_state, np_state = cpu.get_state(), np.random.get_state()
+    cpu.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+    np.random.seed(int(mixed[0]))
+    try:
+        yield
+    finally:
+        cpu.set_state(torch_state)
+        np.random.set_state(np_state)

@@ -10,8 +10,7 @@ import os
 from typing import Callable, Optional, Sequence, Union
 
 from data.ann_index import AnnotationIndex, ConcatIndex
-from data.loading import BadSampleError, RobustDataset, check_entry, join_root, load_image
-from data.shards import seeded_augmentation
+from data.loading import BadSampleError, RobustDataset, check_entry, join_root, load_image, seeded_augmentation
 from data.utils import pre_caption
 
 

@@ -48,6 +48,7 @@ from braceexpand import braceexpand
 from PIL import Image, ImageFile
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data.loading import seeded_augmentation
 from data.utils import pre_caption
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -285,24 +286,6 @@ def buffer_order(n: int, bufsize: int, seed: Sequence[int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ decoding
-
-@contextmanager
-def seeded_augmentation(seed: int, epoch: int, sample_id: int) -> Iterator[None]:
-    """Seed torch's and numpy's global RNGs (what torchvision's random transforms and RandomAugment draw from)
-    by (seed, epoch, sample id) for one sample, and restore them afterwards: a sample's augmentation is a function
-    of its id, not of which worker made it or how many samples that worker made before."""
-    mixed = np.random.SeedSequence([seed, epoch, sample_id]).generate_state(2)
-    # the CPU generator only: torch.manual_seed / fork_rng also reach CUDA's, ~2 ms a sample
-    cpu = torch.default_generator
-    torch_state, np_state = cpu.get_state(), np.random.get_state()
-    cpu.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
-    np.random.seed(int(mixed[0]))
-    try:
-        yield
-    finally:
-        cpu.set_state(torch_state)
-        np.random.set_state(np_state)
-
 
 def to_rgb(image: Image.Image, counts: Optional[dict] = None) -> Image.Image:
     """RGB for every mode web images come in: CMYK (PIL's conversion), palette and alpha images over white

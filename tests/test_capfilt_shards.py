@@ -1,4 +1,4 @@
-"""CapFilt over webdataset tar shards (capfilt_shards.py): the same scores as over the JSON list, kept pairs written
+"""CapFilt over webdataset tar shards (capfilt.py, ann_shards): the same scores as over the JSON list, kept pairs written
 as tar shards that pretrain.py trains on directly, resumable per input shard, threshold re-merges rewrite the
 output shards, the HTML report shows the shard images."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ import pytest
 import webdataset as wds
 
 import capfilt
-import capfilt_shards
 import pretrain
 from data.shards import expand_shard_urls, iter_tar_samples, shard_count
 import tests.test_capfilt as base
@@ -75,12 +74,12 @@ def test_resumes_per_input_shard_and_remerges_a_new_threshold(setup, shards, sha
     run(setup, shards, again, 'threshold=0.0')
     (again / 'shards' / 'shard_000001.json').unlink()   # as if killed while shard 1 was being done
     done = []
-    real = capfilt_shards.score_tar_shard
+    real = capfilt.score_tar_shard
 
     def counting(shard, *a, **k):
         done.append(shard)
         return real(shard, *a, **k)
-    monkeypatch.setattr('capfilt_shards.score_tar_shard', counting)
+    monkeypatch.setattr('capfilt.score_tar_shard', counting)
     run(setup, shards, again, 'threshold=0.0')
     assert done == [1]
     for u in range(3):
