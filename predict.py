@@ -330,11 +330,16 @@ def run_batches(args, device: torch.device) -> dict:
     """Every ``--images`` item through the task into ``--output`` (JSON lines); returns counts and img/s."""
     settings = model_settings(args.task, args.checkpoint, args.vit, args.image_size, args.med_config)
     model = build_model(args.task, args.checkpoint, settings, device)
+    return predict_into(args, model, int(settings['image_size']), device)
+
+
+def predict_into(args, model, image_size: int, device: torch.device) -> dict:
+    """``run_batches`` with a built model (``benchmarks/predict_batch.py`` times this)."""
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     predictor = BatchPredictor(args.task, model, args, device)
     done = read_done(args.output)
-    loader, total = make_loader(args.images, int(settings['image_size']), args.batch_size, args.num_workers, done)
+    loader, total = make_loader(args.images, image_size, args.batch_size, args.num_workers, done)
     counts = {'done_before': len(done), 'written': 0, 'errors': 0}
     start = time.perf_counter()
     with open(args.output, 'a', encoding='utf-8') as out, \
