@@ -184,8 +184,8 @@ def _keep_list(batch: list) -> list:
 # ------------------------------------------------------------------------------------------------ output
 
 def read_done(output: str) -> set:
-    """Keys (``path``, or ``query`` of text retrieval) already answered in ``output``; the file is rewritten without its error rows (they are retried) and
-    without a line cut off by a kill."""
+    """Keys (``path``, or ``query`` of text retrieval) already answered in ``output``; the file is rewritten
+    without its error rows (they are retried) and without a line cut off by a kill."""
     if not os.path.exists(output):
         return set()
     kept, done = [], set()
@@ -302,7 +302,8 @@ class BatchPredictor:
                     for k, t, c, s in zip(keys, texts, scores.itc.tolist(), scores.sum.tolist())]
 
 
-def make_loader(spec: str, image_size: int, batch_size: int, num_workers: int, done: set) -> tuple[DataLoader, Optional[int]]:
+def make_loader(spec: str, image_size: int, batch_size: int, num_workers: int,
+                done: set) -> tuple[DataLoader, Optional[int]]:
     """Batches of ``(key, image | None, error | None, text | None)`` tuples; the number of items when known."""
     _, transform = create_transforms(image_size)
     entries, shards = list_inputs(spec)
@@ -349,7 +350,8 @@ def predict_into(args, model, image_size: int, device: torch.device) -> dict:
             for key, image, error, text in batch:
                 text = item_text(args.task, text, args)
                 if error is None and args.task in ('vqa', 'itm', 'itc') and not text:
-                    error = f'no {"question" if args.task == "vqa" else "caption"} for {key} (give --question/--caption)'
+                    what = 'question' if args.task == 'vqa' else 'caption'
+                    error = f'no {what} for {key} (give --{what})'
                 if error is not None:
                     rows.append({'path': key, 'error': error})
                 else:
@@ -386,7 +388,8 @@ def embed_images(model, spec: str, image_size: int, args, device, skip: set) -> 
     """(keys, ITC embeddings [N, D], {key: error}) of the ``--images`` not in ``skip``."""
     loader, total = make_loader(spec, image_size, args.batch_size, args.num_workers, skip)
     keys, feats, errors = [], [], {}
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' and args.amp == 'bf16' else nullcontext()
+    bf16 = device.type == 'cuda' and args.amp == 'bf16'
+    amp = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
     with tqdm(total=total, unit='img', desc='embed', dynamic_ncols=True, file=sys.stderr) as bar:
         for batch in loader:
             good = [(k, im) for k, im, err, _ in batch if err is None]

@@ -82,7 +82,8 @@ def videoqa_memory(args, device: torch.device) -> list[dict]:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
             out.append({'bench': 'videoqa', 'batch': batch, 'frames': 16, 'frame_chunk': chunk, 'inference': inference,
-                        'candidates': len(answers), 'k_test': 128, 'peak_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                        'candidates': len(answers), 'k_test': 128,
+                        'peak_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2),
                         'videos_per_second': round(batch / min(times), 2)})
             print(json.dumps(out[-1]), flush=True)
     return out

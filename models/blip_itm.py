@@ -131,11 +131,13 @@ class BLIP_ITM(nn.Module):
             raise ValueError(f'pair_scores: {embeds.shape[0]} images for {n} texts (give B of each, or one image)')
         text_out = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, mode='text')
         with fp32(image.device):
-            itc = (self.image_features(image, embeds) * project(self.text_proj, text_out.last_hidden_state[:, 0])).sum(-1)
+            text_feat = project(self.text_proj, text_out.last_hidden_state[:, 0])
+            itc = (self.image_features(image, embeds) * text_feat).sum(-1)
         ids = text.input_ids.clone()
         if self.itm_first_token == 'enc':
             ids[:, 0] = self.tokenizer.enc_token_id
-        out = self.text_encoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=embeds, mode='multimodal')
+        out = self.text_encoder(ids, attention_mask=text.attention_mask, encoder_hidden_states=embeds,
+                                mode='multimodal')
         logits = self.itm_head(out.last_hidden_state[:, 0]).float()
         return PairScores(itc=itc, itm=logits.softmax(-1)[:, 1], sum=logits[:, 1] + itc)
 

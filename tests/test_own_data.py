@@ -52,14 +52,16 @@ def test_a_missing_image_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize('script, config, extra', [
-    (train_caption, 'caption', ['batch_size=8', 'max_length=8', 'num_beams=2', 'coco_gt_root={data}/annotation/coco_gt']),
+    (train_caption, 'caption', ['batch_size=8', 'max_length=8', 'num_beams=2',
+                                'coco_gt_root={data}/annotation/coco_gt']),
     (train_retrieval, 'retrieval', ['batch_size_train=8', 'batch_size_test=8', 'queue_size=16', 'k_test=4'])])
 def test_caption_and_retrieval_train_on_your_own_data(pairs, tmp_path, script, config, extra):
     data = tmp_path / 'data'
     own_data([str(pairs), '--out', str(data), '--val', '3', '--test', '3'])
     out = tmp_path / 'run'
     script.main(['--config', str(ROOT / 'configs' / 'toy' / f'{config}.yaml'), '--output_dir', str(out),
-                 '--device', 'cpu', '--options', 'toy_root=', f'image_root={data}/images', f'ann_root={data}/annotation',
+                 '--device', 'cpu', '--options', 'toy_root=', f'image_root={data}/images',
+                 f'ann_root={data}/annotation',
                  'num_workers=0', 'image_size=32', 'max_epoch=1', *[e.format(data=data) for e in extra]])
     stats = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     assert ('test_CIDEr' in stats) if config == 'caption' else ('test_txt_r1' in stats), stats

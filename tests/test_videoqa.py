@@ -91,7 +91,8 @@ def test_eval_videoqa_answers_every_question_and_logs_the_accuracy(toy, tmp_path
     results = json.loads((tmp_path / 'result' / 'videoqa_test.json').read_text())
     assert sorted(r['question_id'] for r in results) == [e['id'] for e in qa] == list(range(18))
     if inference == 'rank':
-        assert {r['answer'] for r in results} <= set(json.loads((toy / 'annotation/videoqa_answer_list.json').read_text()))
+        candidates = json.loads((toy / 'annotation/videoqa_answer_list.json').read_text())
+        assert {r['answer'] for r in results} <= set(candidates)
     logged = json.loads((tmp_path / 'log.txt').read_text().splitlines()[-1])
     assert logged == stats and stats['inference'] == inference and stats['num_questions'] == 18
     assert stats['test_acc'] == pytest.approx(vqa_accuracy(results, [{'question_id': e['id'], 'answer': e['answer']}
