@@ -546,6 +546,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, flag)
         if value and not os.path.isfile(value):
             parser.error(f'--{flag} {value}: no such file')
+    if args.task == 'caption' and not args.sample and args.num_captions > args.num_beams:
+        parser.error(f'--num_captions {args.num_captions} beam-search captions need --num_beams >= that (or --sample)')
     if args.batch_size < 1 or args.num_captions < 1:
         parser.error('--batch_size and --num_captions must be at least 1')
 

@@ -210,6 +210,7 @@ def test_embed_then_retrieve_both_ways_ranks_as_the_itc_similarity(folder, model
     (['--task', 'embed', '--images', 'x', '--output', 'o.jsonl'], '.safetensors'),
     (['--task', 'retrieve', '--output', 'o.jsonl', '--texts', 'q.txt'], 'needs --embeddings'),
     (['--task', 'vqa', '--images', 'x', '--output', 'o', '--inference', 'rank'], 'needs --answer_list'),
+    (['--task', 'caption', '--images', 'x', '--output', 'o', '--num_captions', '5'], 'need --num_beams >= that'),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
