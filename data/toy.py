@@ -15,6 +15,7 @@ Layout under ``root`` (image paths in annotations are relative to ``images/``)::
     annotation/nlvr_{train,dev,test}.json
     annotation/pretrain_clean.json   annotation/pretrain_noisy.json   annotation/pretrain_noisy_truth.json
     annotation/msrvtt_test.jsonl   videos/videoN.mp4
+    annotation/videoqa_test.json   annotation/videoqa_answer_list.json   videos/qa_videoN.mp4
     .toy_complete.json   (written last; holds the generation parameters)
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from engine.atomic import atomic_write_text
 
-VERSION = 2   # 2: NLVR statements balanced per sentence
+VERSION = 3   # 2: NLVR statements balanced per sentence; 3: video QA clips and questions
 IMAGE_SIZE = 64
 KINDS = ('circle', 'square', 'triangle')
 COLOURS = {'red': (220, 30, 30), 'green': (30, 170, 40), 'blue': (30, 60, 220), 'yellow': (235, 200, 20)}
@@ -68,6 +69,7 @@ class ToyParams:
     noise_fraction: float = 0.3
     n_videos: int = 32
     video_frames: int = 8
+    n_videoqa: int = 64
     version: int = VERSION
 
 
@@ -311,6 +313,33 @@ def _video_files(root: Path, params: ToyParams, rng: random.Random) -> None:
     atomic_write_text(path, '\n'.join(lines) + '\n', fsync=False)
 
 
+VIDEOQA_FRAMES = 16   # the paper samples 16 frames per video for QA
+
+
+def videoqa_questions(kind: str, colour: str, k: int, rng: random.Random) -> list[tuple[str, str]]:
+    """Three (question, answer) pairs about a clip of one moving shape, in the image VQA templates (so a toy
+    VQA model answers them zero-shot), each needing the frames: its colour, its kind (the shape crosses the
+    centre), and whether a shape of a given colour is there (true for even ``k``; else another colour, so the
+    question's words give nothing away)."""
+    asked = colour if k % 2 == 0 else rng.choice([c for c in COLOURS if c != colour])
+    return [(f'what color is the {kind}?', colour),
+            ('what shape is in the center?', kind),
+            (f'is there a {asked} {kind}?', 'yes' if asked == colour else 'no')]
+
+
+def _videoqa_files(root: Path, params: ToyParams, rng: random.Random) -> None:
+    """``n_videoqa`` clips ``videos/qa_videoN.mp4`` of VIDEOQA_FRAMES frames and their questions in the
+    MSRVTT-QA format (``video_id``, ``question``, ``answer``, ``id``), plus the candidate answer list."""
+    entries = []
+    for k in range(params.n_videoqa):
+        kind, colour, direction = rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(DIRECTIONS))
+        write_video(root / 'videos' / f'qa_video{k}.mp4', kind, colour, direction, VIDEOQA_FRAMES)
+        for question, answer in videoqa_questions(kind, colour, k, rng):
+            entries.append({'video_id': k, 'question': question, 'answer': answer, 'id': len(entries)})
+    _write_json(root / 'annotation' / 'videoqa_test.json', entries)
+    _write_json(root / 'annotation' / 'videoqa_answer_list.json', ANSWER_LIST)
+
+
 def _direction_phrase(direction: str) -> str:
     return f'to the {direction}' if direction in ('left', 'right') else direction
 
@@ -334,11 +363,12 @@ def generate(root: Path, params: ToyParams) -> None:
     _video_files(root, params, rng)
     # own stream, last: a change to the NLVR statements leaves every other file as it was
     _nlvr_files(ann, splits, random.Random(f'{params.seed}-nlvr'))
+    _videoqa_files(root, params, random.Random(f'{params.seed}-videoqa'))
 
 
 def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 1000, n_val: int = 100,
                        n_test: int = 100, n_web: int = 1000, noise_fraction: float = 0.3, n_videos: int = 32,
-                       video_frames: int = 8, exact: bool = True) -> Path:
+                       video_frames: int = 8, exact: bool = True, n_videoqa: int = 64) -> Path:
     """Generate the toy dataset into ``root`` unless a complete one with the same parameters is there.
 
     A marker file holding the parameters is written last, so an interrupted generation is redone;
@@ -352,6 +382,7 @@ def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 10
         noise_fraction: fraction of web captions replaced by another image's caption.
         n_videos: number of MSRVTT-style clips.
         video_frames: frames per clip.
+        n_videoqa: clips of the video QA test set (three questions each).
         exact: regenerate when the complete dataset in ``root`` was made with other parameters;
             False accepts any complete toy dataset of this generator version (what ``create_dataset``
             does with ``toy_root``).
@@ -359,7 +390,7 @@ def ensure_toy_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 10
     Returns:
         ``Path(root)``.
     """
-    params = ToyParams(seed, n_train, n_val, n_test, n_web, noise_fraction, n_videos, video_frames)
+    params = ToyParams(seed, n_train, n_val, n_test, n_web, noise_fraction, n_videos, video_frames, n_videoqa)
     if min(n_train, n_val, n_test, n_web) < 2:
         raise ValueError(f'every toy split needs at least 2 images (NLVR pairs them); got {params}')
     root = Path(root)

@@ -67,3 +67,22 @@ def test_factory_requires_every_key(tmp_path):
                tmp_path / 'decoder.pth')
     with pytest.raises(CheckpointError, match='blip_itm'):
         blip_itm(str(tmp_path / 'decoder.pth'), **KW)
+
+
+def test_similarity_api_gives_the_three_scores_of_many_pairs_in_one_call(model):
+    """pair_scores = (ITC cosine, ITM match probability, ITM match logit + ITC cosine) of pair b, as forward's two
+    heads give them; one image is scored against every caption; features give the all-against-all ITC matrix."""
+    image, texts = images(3), ['a red circle', 'two blue squares on the left', 'a green triangle']
+    with torch.no_grad():
+        scores = model.pair_scores(image, texts)
+        logits = model(image, texts, match_head='itm')
+        cosines = model(image, texts, match_head='itc')                                    # [3, 3]
+        torch.testing.assert_close(scores.itc, cosines.diagonal())
+        torch.testing.assert_close(scores.itm, logits.softmax(-1)[:, 1])
+        torch.testing.assert_close(scores.sum, logits[:, 1] + cosines.diagonal())
+        torch.testing.assert_close(model.image_features(image) @ model.text_features(texts).T, cosines)
+        one = model.pair_scores(image[:1], texts)                                          # image 0 vs each text
+        torch.testing.assert_close(one.itc, cosines[0])
+        torch.testing.assert_close(one.itm, model(image[:1].expand(3, -1, -1, -1), texts).softmax(-1)[:, 1])
+    with pytest.raises(ValueError, match='2 images for 3 texts'):
+        model.pair_scores(image[:2], texts)
