@@ -22,8 +22,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from models.checkpoint import CheckpointError, load_checkpoint
-
 # Original per-projection key names of each fused parameter (the checkpoint layout), in concatenation order.
 FUSED_PARTS = {'qkv': ('query', 'key', 'value'), 'kv': ('key', 'value')}
 # Set on the modules whose ``qkv`` / ``kv`` children are fused projections (``register_fused_layout``).
@@ -223,6 +221,7 @@ MAY_BE_MISSING: dict[str, Callable[[set[str], set[str]], set[str]]] = {
 def check_missing(factory: str, model: nn.Module, missing_keys: Iterable[str], source: str) -> set[str]:
     """Raise ``CheckpointError`` if ``source`` left keys of ``model`` at their initial values that
     ``MAY_BE_MISSING[factory]`` does not allow; return the allowed keys that are missing."""
+    from models.checkpoint import CheckpointError  # at use: models.med imports this module, and checkpoint the ViT
     missing = set(missing_keys)
     allowed = MAY_BE_MISSING[factory](set(model.state_dict()), missing) & missing
     unexplained = sorted(missing - allowed)
@@ -237,6 +236,7 @@ def load_pretrained(model: nn.Module, pretrained: str, factory: str) -> set[str]
     and refuse gaps ``MAY_BE_MISSING[factory]`` does not declare; returns the declared keys that were missing."""
     if not pretrained:
         return set()
+    from models.checkpoint import load_checkpoint  # at use, as in check_missing
     keys = set(model.state_dict())
     # the keys this factory may leave at their initial values are logged apart from the missing ones
     _, msg = load_checkpoint(model, pretrained, fresh=frozenset(MAY_BE_MISSING[factory](keys, keys)))
