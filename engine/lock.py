@@ -8,6 +8,10 @@ no stale lock. The file names the holder (host, pid, start time, command) for th
 Where the filesystem refuses ``flock`` (some FUSE and older network mounts), the lock is the file's
 existence (``O_CREAT | O_EXCL``), removed at exit; one left by a dead process on this host is stale and
 taken over; one from another host is named in the message with how to remove it.
+
+A forked child (a DataLoader worker) closes its copy of the lock's descriptor: a flock belongs to the open file,
+so workers that outlive a killed run (they notice the parent's death only within seconds) held the lock, and
+``--resume auto`` started at once was refused, naming the dead run.
 """
 from __future__ import annotations
 
@@ -131,6 +135,21 @@ class OutputDirLock:
             if self._made_dir and os.listdir(self.output_dir) == [LOCK_NAME]:
                 self.path.unlink()  # a run that stopped before writing anything leaves no folder behind
                 self.output_dir.rmdir()
+
+
+def _forget_locks_in_child() -> None:
+    """After ``fork``: close this child's copies of the lock descriptors (closing, unlike ``LOCK_UN``, leaves the
+    parent's lock in place) and hold nothing, so that ``release`` in the child cannot empty the holder record."""
+    for held in _HELD.values():
+        if held._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(held._fd)
+            held._fd = None
+        held._exclusive_file = False
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:

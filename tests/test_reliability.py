@@ -383,6 +383,24 @@ def test_where_flock_is_unsupported_the_lock_is_an_exclusive_file_and_a_dead_hol
         lock.OutputDirLock(tmp_path).acquire()
 
 
+def test_a_forked_child_does_not_keep_the_output_dir_lock(tmp_path):
+    """DataLoader workers outlive a SIGKILLed run by seconds; they held its flock (a forked copy of the same open
+    file), so an immediate --resume auto was refused naming the dead run (issue 25's flaky kill-and-resume test)."""
+    import multiprocessing
+    from engine import lock
+    held = lock.lock_output_dir(tmp_path)
+    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,), daemon=True)
+    child.start()
+    try:
+        with pytest.raises(lock.OutputDirInUse):   # the parent's lock still holds while the child lives
+            lock.OutputDirLock(tmp_path).acquire()
+        held.release()                              # the run ends; its worker is still alive
+        lock.OutputDirLock(tmp_path).acquire().release()
+    finally:
+        child.kill()
+        child.join()
+
+
 def test_vqa_from_a_checkpoint_without_a_decoder_logs_the_count_its_refusal_names(tmp_path, capsys):
     """predict.py --task vqa on another task's checkpoint logged '64 missing' and failed with 'lacks 60'."""
     from models.blip_vqa import blip_vqa
