@@ -144,8 +144,12 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     if len(states) == world_size:
         restore_rng_state(states[rank])
     elif states:
-        print(f'{source}: saved with {len(states)} rank(s), resuming with {world_size}: '
-              f'RNG streams are re-seeded, so random augmentation differs from an uninterrupted run')
+        # pretraining's augmentation is a function of (seed, epoch, sample) (data.loading.seeded_augmentation);
+        # fine-tuning's is drawn by whichever process (loader worker or not) reads the sample
+        print(f'{source}: saved with {len(states)} rank(s), resuming with {world_size}: each rank\'s RNG is '
+              f're-seeded and the samples are split over the ranks differently, so dropout, ITM negative sampling '
+              f'and fine-tuning augmentation differ from an uninterrupted run; pretraining\'s augmentation is '
+              f'seeded per sample and stays the same')
         torch.manual_seed(int(checkpoint['epoch']) * 1_000_003 + rank)
     resume = checkpoint.get('resume') or {'epoch': int(checkpoint['epoch']) + 1, 'step': 0}
     if progress is not None:

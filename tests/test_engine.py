@@ -530,6 +530,19 @@ def test_best_score_survives_resume(tmp_path):
     assert not resumed.improved(0.6, 3) and resumed.best_epoch == 2
 
 
+def test_resume_with_another_world_size_says_what_changes_and_that_pretraining_augmentation_does_not(tmp_path,
+                                                                                                    capsys):
+    """The message said that augmentation differs after such a resume; pretraining's is seeded per sample now."""
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / 'last.pth', model, None, {}, 0, 0, 2, rng=[capture_rng_state()] * 2)
+    load_training_state(tmp_path / 'last.pth', model, None, world_size=1)
+    out = capsys.readouterr().out
+    assert 'saved with 2 rank(s), resuming with 1' in out and 'dropout, ITM negative sampling' in out
+    assert "pretraining's augmentation is seeded per sample and stays the same" in out
+    load_training_state(tmp_path / 'last.pth', model, None, world_size=2)   # the same world size: silent
+    assert 're-seeded' not in capsys.readouterr().out
+
+
 def test_find_latest_checkpoint(tmp_path):
     assert find_latest_checkpoint(tmp_path) is None
     for n in (1, 10, 2):
