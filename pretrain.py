@@ -189,11 +189,17 @@ def build_train_set(run: Run, config: PretrainConfig):
 
 def build_train_loader(run: Run, config: PretrainConfig, train_set, collate) -> tuple[DataLoader,
                                                                                      Optional[ShardTracker]]:
+    # persistent workers: every random draw in them is seeded per sample and the epoch reaches them through
+    # shared memory (data.loading.SharedInts); not with laion_path, whose shard rotation changes the dataset
+    # in the training process only
+    persistent = config.num_workers > 0 and not config.laion_path
     if not isinstance(train_set, ShardStream):
-        (loader,) = run.loaders([train_set], [True], [config.batch_size], [collate])
+        (loader,) = run.loaders([train_set], [True], [config.batch_size], [collate],
+                                persistent_train_workers=persistent)
         return loader, None
     loader = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
                         pin_memory=torch.cuda.is_available(), collate_fn=ShardCollate(collate),
+                        persistent_workers=persistent,
                         # the workers' seeds from this generator, not a draw from the global RNG that resume restores
                         # (the stream seeds everything itself)
                         generator=torch.Generator())

@@ -154,17 +154,20 @@ def create_sampler(datasets: Sequence[Dataset], shuffles: Sequence[bool], num_ta
 
 def create_loader(datasets: Sequence[Dataset], samplers: Sequence[Optional[torch.utils.data.Sampler]],
                   batch_size: Sequence[int], num_workers: Sequence[int], is_trains: Sequence[bool],
-                  collate_fns: Sequence[Optional[Callable]]) -> list[DataLoader]:
+                  collate_fns: Sequence[Optional[Callable]],
+                  persistent: Optional[Sequence[bool]] = None) -> list[DataLoader]:
     """DataLoaders as the original builds them.
 
     Training loaders drop the last incomplete batch and shuffle when they have no sampler;
     evaluation loaders keep order and every sample. Memory is pinned only when CUDA is available.
+    ``persistent``: per loader, keep its workers from one epoch to the next (only for datasets whose workers need
+    nothing from the training process between epochs but what they read from shared memory, e.g. the epoch).
     """
     loaders = []
     pin = torch.cuda.is_available()
-    for dataset, sampler, bs, workers, is_train, collate_fn in zip(datasets, samplers, batch_size, num_workers,
-                                                                   is_trains, collate_fns):
+    for dataset, sampler, bs, workers, is_train, collate_fn, keep in zip(
+            datasets, samplers, batch_size, num_workers, is_trains, collate_fns, persistent or [False] * len(datasets)):
         loaders.append(DataLoader(dataset, batch_size=bs, num_workers=workers, pin_memory=pin, sampler=sampler,
                                   shuffle=is_train and sampler is None, collate_fn=collate_fn,
-                                  drop_last=is_train))
+                                  drop_last=is_train, persistent_workers=bool(keep and workers > 0)))
     return loaders

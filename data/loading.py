@@ -226,3 +226,21 @@ def seeded_augmentation(seed: int, epoch: int, sample_id: int) -> Iterator[None]
     finally:
         cpu.set_state(torch_state)
         np.random.set_state(np_state)
+
+
+class SharedInts:
+    """A few integers that the training process sets and its DataLoader workers read when they use them.
+
+    A worker works on its own copy of the dataset, made when it starts; with ``persistent_workers`` that is once per
+    run, so an attribute set between epochs (``set_epoch``) would stay at its first value there. These live in
+    shared memory (inherited by forked workers, passed by handle to spawned ones)."""
+
+    def __init__(self, n: int):
+        self._values = torch.zeros(n, dtype=torch.int64).share_memory_()
+
+    def __getitem__(self, i: int) -> int:
+        return int(self._values[i])
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self._values[i] = int(value)
+

@@ -10,7 +10,8 @@ import os
 from typing import Callable, Optional, Sequence, Union
 
 from data.ann_index import AnnotationIndex, ConcatIndex
-from data.loading import BadSampleError, RobustDataset, check_entry, join_root, load_image, seeded_augmentation
+from data.loading import (BadSampleError, RobustDataset, SharedInts, check_entry, join_root, load_image,
+                          seeded_augmentation)
 from data.utils import pre_caption
 
 
@@ -51,6 +52,7 @@ class pretrain_dataset(RobustDataset):
 
     def __init__(self, ann_file: Sequence[str], laion_path: str, transform: Callable, max_words: int = 30,
                  image_root: str = '', cache_dir: Optional[str] = None, skip_bad_samples: bool = False):
+        self._shared = SharedInts(1)   # the epoch, seen by persistent loader workers too
         super().__init__(skip_bad_samples)
         self.ann_pretrain = load_annotation_index(ann_file, cache_dir)
         self.transform, self.max_words = transform, max_words
@@ -66,7 +68,23 @@ class pretrain_dataset(RobustDataset):
         self.reload_laion(0)
         # the augmentation of entry i in epoch e is seeded by (seed, e, i): the same draws whichever loader worker
         # reads it and however many samples that worker read before, so a resumed run continues exactly
-        self.seed, self.epoch = 0, 0
+        self.seed = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._shared[0]
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._shared[0] = epoch
+
+    @property
+    def _epoch(self) -> int:   # RobustDataset's replacement draws follow the same epoch
+        return self.epoch
+
+    @_epoch.setter
+    def _epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -48,7 +48,7 @@ from braceexpand import braceexpand
 from PIL import Image, ImageFile
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.loading import seeded_augmentation
+from data.loading import SharedInts, seeded_augmentation
 from data.utils import pre_caption
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -450,13 +450,14 @@ class ShardStream(IterableDataset):
         self.first_step = 0
         self.basis: Optional[tuple[list[int], int]] = None   # (shard order, first step) the streams are planned on
         self.cursors: dict[int, int] = {}                     # logical worker -> emitted positions (resume)
+        self._shared = SharedInts(2)   # (epoch, first step) as the training process set them, for persistent workers
 
     # ----------------------------------------------------------------------------------- the runner's hooks
     def __len__(self) -> int:
         return self.steps * self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = self._shared[0] = epoch
 
     def set_resume_state(self, state: Optional[dict]) -> None:
         """The data state saved with a mid-epoch resume point (see :meth:`state`), used by :meth:`start_at_step`."""
@@ -476,6 +477,7 @@ class ShardStream(IterableDataset):
         """Position every worker for step ``step`` of the epoch (called before the loader is iterated); returns
         what is to be said about the resume."""
         self.first_step, self.basis, self.cursors = step, None, {}
+        self._shared[1] = step
         if step == 0:
             return []
         state = self.saved_state
@@ -519,6 +521,13 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        if info is not None and (self._shared[0], self._shared[1]) != (self.epoch, self.first_step):
+            # a persistent worker's copy, made in an earlier epoch: a fresh epoch starts at its first step (a resume
+            # plan, set only before the first epoch of a process, was copied into the worker when it started)
+            if self._shared[1] != 0:
+                raise RuntimeError(f'a persistent loader worker cannot start epoch {self._shared[0]} at step '
+                                   f'{self._shared[1]}: only a new loader takes a resume plan')
+            self.epoch, self.first_step, self.basis, self.cursors = self._shared[0], 0, None, {}
         order, first = self.epoch_basis()
         # loader worker wid serves steps first_step + wid, + workers, ...: in the plan that is logical worker
         logical = (wid + self.first_step - first) % workers

@@ -218,8 +218,12 @@ class Run:
         return create_dataset(name, self.config, **kwargs)
 
     def loaders(self, datasets: list, is_trains: list[bool], batch_sizes: list[int], collate_fns=None,
-                distributed_eval: bool = True) -> list:
-        """Loaders with DistributedSamplers when distributed (eval ones too unless ``distributed_eval=False``)."""
+                distributed_eval: bool = True, persistent_train_workers: bool = False) -> list:
+        """Loaders with DistributedSamplers when distributed (eval ones too unless ``distributed_eval=False``).
+
+        ``persistent_train_workers``: training loaders keep their workers across epochs; only for datasets whose
+        randomness does not come from the workers' RNGs, which are seeded per epoch when the workers start
+        (``train_epoch``), and which pass the epoch to their workers through shared memory (pretraining's)."""
         n = len(datasets)
         self._check_evaluation_images([d for d, train in zip(datasets, is_trains) if not train])
         world, rank = du.get_world_size(), du.get_rank()
@@ -234,7 +238,8 @@ class Run:
             else:
                 samplers.append(sampler if self.distributed and distributed_eval else None)
         loaders = create_loader(datasets, samplers, batch_size=batch_sizes, num_workers=[self.config.num_workers] * n,
-                                is_trains=is_trains, collate_fns=collate_fns or [None] * n)
+                                is_trains=is_trains, collate_fns=collate_fns or [None] * n,
+                                persistent=[train and persistent_train_workers for train in is_trains])
         for dataset, train in zip(datasets, is_trains):
             if train and getattr(dataset, 'skip_bad_samples', False):
                 # every worker appends the bad files it meets here; the epoch's log line gets their number

@@ -3,10 +3,12 @@ the same pairs as the equivalent JSON list, exact resume at the sample and at sh
 layout, and every kind of dirty web sample counted and skipped."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +102,37 @@ def test_epoch_length_drops_at_most_one_global_batch(toy):
     assert ds.steps == 2 and len(ds) == 10   # 24 // (2 * 5)
     ids = [i for rank in range(2) for b in epoch_batches(stream(toy, batch=5, world=2, rank=rank), 2) for i in b[0]]
     assert len(ids) == len(set(ids)) == 20
+
+
+def _hashes(image) -> tuple:
+    return tuple(hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in image)
+
+
+def test_persistent_workers_get_each_epoch_as_fresh_workers_do(toy):
+    """pretrain.py keeps its loader workers across epochs; their dataset copies are made once, so the epoch (and a
+    resume plan that only the first epoch has) must reach them: every epoch's batches equal a fresh loader's."""
+    ds = stream(toy, batch=3)
+    persistent = DataLoader(ds, batch_size=3, num_workers=2, drop_last=True, collate_fn=ShardCollate(),
+                            persistent_workers=True)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        ds.start_at_step(0, 2)
+        kept = [(tuple(info.ids), hashlib.sha1(image.numpy().tobytes()).hexdigest())
+                for _, (image, _, info) in zip(range(ds.steps), persistent)]
+        assert kept == [b[:1] + b[2:3] for b in epoch_batches(stream(toy, batch=3), 2, epoch=epoch)], epoch
+    # the JSON list: the epoch seeds the augmentation inside the workers
+    transform, _ = create_transforms(16, 0.2)
+    listed = pretrain_dataset([str(toy / 'annotation' / 'pretrain_noisy.json')], '', transform,
+                              image_root=str(toy / 'images'))
+    sampler = DistributedSampler(listed, num_replicas=1, rank=0, shuffle=False)
+    kept_loader = DataLoader(listed, batch_size=4, sampler=sampler, num_workers=2, persistent_workers=True)
+    per_epoch = []
+    for epoch in range(2):
+        listed.set_epoch(epoch)
+        kept = [_hashes(image) for image, _ in kept_loader]
+        assert kept == [_hashes(image) for image, _ in DataLoader(listed, batch_size=4, sampler=sampler, num_workers=2)]
+        per_epoch.append(kept)
+    assert per_epoch[0] != per_epoch[1]   # another epoch, other augmentation draws
 
 
 def test_same_multiset_of_pairs_as_the_json_list(toy):
@@ -314,6 +347,60 @@ def test_killed_run_with_workers_resumes_to_the_same_weights(toy, tmp_path, sour
     assert not different, f'{len(different)} tensors differ after resume, e.g. {different[:3]}'
     logs = [[json.loads(line) for line in (out / 'log.txt').read_text().splitlines()] for out in (straight, killed)]
     assert logs[0] == logs[1] and logs[0][0]['train_samples'] == N_WEB
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(')', 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_torchrun_two_ranks_killed_then_one_process_resumes_at_shard_granularity(toy, tmp_path):
+    """End to end with another world size: `torchrun --nproc_per_node=2` on the toy shards (gloo, CPU) is killed
+    after its step-2 resume point; `--resume auto` in one process redoes the partly done shards, names them, and
+    trains the rest of the epoch: its log.txt counts at least every pair once."""
+    out = tmp_path / 'out'
+    argv = pretrain_cmd(toy, out, 'shards')[1:]
+    argv[argv.index('num_workers=2')] = 'num_workers=0'
+    argv[argv.index('batch_size=4')] = 'batch_size=2'   # 24 pairs: 6 steps per rank
+    argv[argv.index('max_epoch=2')] = 'max_epoch=1'
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             *argv], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)   # its own process group: the launcher and both ranks die
+    deadline = time.time() + 300
+    while time.time() < deadline and (0, 3) not in _steps_logged(out) and proc.poll() is None:
+        time.sleep(0.05)
+    ranks = _children(proc.pid)   # torchrun starts each rank in a session of its own: kill them by pid
+    proc.kill()
+    proc.wait()
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert (0, 3) in _steps_logged(out) and len(ranks) == 2, 'the 2-rank run did not reach step 3'
+    resume = torch.load(out / 'checkpoint_last.pth', weights_only=True)['resume']
+    assert resume['epoch'] == 0 and resume['step'] in (2, 4), resume   # 4: a step passed between poll and kill
+    assert resume['progress']['shard_state']['data']['world_size'] == 2
+    done = subprocess.run([sys.executable, *argv, '--resume', 'auto'], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'saved with 2 rank(s), resuming with 1' in done.stdout
+    said = re.search(r'saved with 2 rank\(s\) x 1 worker\(s\) x batch 2 and resumes with 1 x 1 x 2 at shard '
+                     r'granularity: (\d+) shard\(s\) done, (\d+) partly done shard\(s\) redone from their start '
+                     r'\((\d+) pairs seen again\)(?:: (.*))?', done.stdout)
+    assert said, done.stdout[-3000:]
+    partial, again = int(said.group(2)), int(said.group(3))
+    named = said.group(4).split(', ') if said.group(4) else []
+    assert partial == len(named) and again > 0
+    urls = expand_shard_urls(f'{toy}/shards/{{00000..00004}}.tar')
+    assert set(named) <= set(urls)
+    # the pairs seen again are among the named shards' and were trained before the kill (steps x 2 ranks x 2)
+    assert again <= sum(shard_count(u) for u in named) and again <= resume['step'] * 4
+    epoch = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    assert epoch['epoch'] == 0 and epoch['train_samples'] == N_WEB
 
 
 def test_readme_shard_command_trains_on_the_toy_shards(tmp_path, monkeypatch):
