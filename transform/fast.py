@@ -61,7 +61,9 @@ class DraftResizedCrop(v2.RandomResizedCrop):
         sx, sy = image.size[0] / full_w, image.size[1] / full_h
         box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
         if image.mode == 'RGB' and all(float(v).is_integer() for v in box):
-            return resize_crop_uint8(np.asarray(image), tuple(int(v) for v in box), out_h, out_w)
+            # the box's pixels only: PIL hands its pixels over as a copy
+            crop = np.asarray(image.crop(tuple(int(v) for v in box)))
+            return resize_crop_uint8(crop, (0, 0, crop.shape[1], crop.shape[0]), out_h, out_w)
         # a box between pixels (a reduced decode) or another mode: PIL's resize of the box
         # reducing_gap: a shrink by 3x or more first averages whole pixel blocks (Image.reduce), then the bicubic
         # filter covers at most 3x; PIL documents the result as indistinguishable from the full filter
