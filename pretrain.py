@@ -187,20 +187,25 @@ def build_train_set(run: Run, config: PretrainConfig):
     return stream
 
 
+def keep_workers(config: PretrainConfig, shards: bool) -> bool:
+    """Whether the training loader keeps its workers across epochs (``persistent_workers``).
+
+    Yes where every random draw in them is seeded per sample and the epoch reaches them through shared memory
+    (data.loading.SharedInts); not with laion_path, whose shard rotation changes the dataset in the training process
+    only, nor for JSON lists with skip_bad_samples, whose per-epoch count of bad files comes from workers that start
+    without knowing them (a kept worker skips a known bad file unread and unreported)."""
+    return config.num_workers > 0 and not config.laion_path and (shards or not config.skip_bad_samples)
+
+
 def build_train_loader(run: Run, config: PretrainConfig, train_set, collate) -> tuple[DataLoader,
                                                                                      Optional[ShardTracker]]:
-    # persistent workers: every random draw in them is seeded per sample and the epoch reaches them through
-    # shared memory (data.loading.SharedInts); not with laion_path, whose shard rotation changes the dataset
-    # in the training process only, nor for JSON lists with skip_bad_samples, whose per-epoch count of bad files
-    # comes from workers that start without knowing them (a kept worker skips a known bad file unread, unreported)
-    persistent = config.num_workers > 0 and not config.laion_path
     if not isinstance(train_set, ShardStream):
         (loader,) = run.loaders([train_set], [True], [config.batch_size], [collate],
-                                persistent_train_workers=persistent and not config.skip_bad_samples)
+                                persistent_train_workers=keep_workers(config, shards=False))
         return loader, None
     loader = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
                         pin_memory=torch.cuda.is_available(), collate_fn=ShardCollate(collate),
-                        persistent_workers=persistent,
+                        persistent_workers=keep_workers(config, shards=True),
                         # the workers' seeds from this generator, not a draw from the global RNG that resume restores
                         # (the stream seeds everything itself)
                         generator=torch.Generator())

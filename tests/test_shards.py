@@ -135,6 +135,18 @@ def test_persistent_workers_get_each_epoch_as_fresh_workers_do(toy):
     assert per_epoch[0] != per_epoch[1]   # another epoch, other augmentation draws
 
 
+def test_pretraining_keeps_its_workers_only_where_they_need_nothing_more_between_epochs():
+    from types import SimpleNamespace
+
+    from pretrain import keep_workers
+    config = SimpleNamespace(num_workers=2, laion_path='', skip_bad_samples=False)
+    assert keep_workers(config, shards=True) and keep_workers(config, shards=False)
+    assert not keep_workers(SimpleNamespace(num_workers=0, laion_path='', skip_bad_samples=False), shards=True)
+    assert not keep_workers(SimpleNamespace(num_workers=2, laion_path='/laion', skip_bad_samples=False), shards=False)
+    skipping = SimpleNamespace(num_workers=2, laion_path='', skip_bad_samples=True)
+    assert keep_workers(skipping, shards=True) and not keep_workers(skipping, shards=False)
+
+
 def test_same_multiset_of_pairs_as_the_json_list(toy):
     """One epoch over the shards and one over pretrain_noisy.json train on the same (caption, augmented image)
     pairs: the augmentation is seeded per sample id, and the shards keep the list's order."""
