@@ -158,7 +158,7 @@ def save_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer
         _remove_stale_temps(path, keep=tmp)
     if _distributed():
         dist.barrier()
-    dcp.save(states, checkpoint_id=tmp)
+    dcp.save(states, checkpoint_id=tmp, no_dist=not _distributed())
     if _rank() == 0:
         meta = {'format': _FORMAT_VERSION, 'config': config, 'epoch': epoch,
                 'resume': {'epoch': resume_epoch, 'step': resume_step, 'progress': dict(progress or {})},
@@ -219,7 +219,7 @@ def load_sharded_training_state(path: str | os.PathLike, model: nn.Module, optim
     reader = dcp.FileSystemReader(str(path))
     _check_matches(path, reader.read_metadata(), states)
     try:
-        dcp.load(states, storage_reader=reader)
+        dcp.load(states, storage_reader=reader, no_dist=not _distributed())
     except Exception as e:  # DCP's own errors (a missing optimizer entry, a damaged shard file) name no file
         raise CheckpointError(f'{path}: cannot read the sharded checkpoint into this model and optimizer '
                               f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e})') from e

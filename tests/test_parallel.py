@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -274,3 +275,126 @@ def test_models_do_not_import_the_engine():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ''] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == 'engine' or n.startswith('engine.') for n in names), f'{path.name} imports {names}'
+
+
+# ---------------------------------------------------------------------------------------------- sharded checkpoints
+
+@pytest.fixture(scope='module')
+def sharded_run(toy, module_dir) -> Path:
+    """The FSDP run of ``pretrain_runs`` again (2 processes) with ``checkpoint_format: sharded``: its resume point is
+    ``checkpoint_last.dcp/``, every rank writing its own shards."""
+    out = module_dir('pretrain_fsdp_sharded')
+    _wait(_torchrun('pretrain', argv('pretrain', toy, out) + OPTIONS['fsdp'] + ['checkpoint_format=sharded']))
+    return out
+
+
+def _resume_dir(root: Path, name: str, checkpoint: Path) -> Path:
+    """An output folder holding only ``checkpoint`` (a file or a sharded directory), for ``--resume auto``."""
+    out = root / name
+    out.mkdir()
+    copy = shutil.copytree if checkpoint.is_dir() else shutil.copy2
+    copy(checkpoint, out / checkpoint.name)
+    return out
+
+
+def _model_of(path: Path) -> dict:
+    return torch.load(path, weights_only=True)['model']
+
+
+def test_sharded_resume_on_two_processes_continues_as_the_full_format(pretrain_runs, sharded_run, toy, tmp_path):
+    """Every rank writes its shards (two .distcp files), and ``--resume auto`` on 2 processes finds the directory
+    and continues exactly as from the one-file checkpoint of the same run: the same next-epoch losses and
+    weights. A temporary directory a killed writer left is neither resumed from nor kept."""
+    sharded = sharded_run / 'checkpoint_last.dcp'
+    assert len(list(sharded.glob('*.distcp'))) == 2 and (sharded / 'meta.pth').is_file()
+    assert not (sharded_run / 'checkpoint_last.pth').exists()
+    dirs = {'full': _resume_dir(tmp_path, 'full', pretrain_runs['fsdp'] / 'checkpoint_last.pth'),
+            'sharded': _resume_dir(tmp_path, 'sharded', sharded)}
+    dead = dirs['sharded'] / '.checkpoint_last.dcp.0badf00d.tmp'
+    dead.mkdir()
+    (dead / '__0_0.distcp').write_bytes(b'half written')
+    procs = {k: _torchrun('pretrain', argv('pretrain', toy, out, '--resume', 'auto') + OPTIONS['fsdp'] +
+                          ['max_epoch=2', f"checkpoint_format={k}"]) for k, out in dirs.items()}
+    outputs = {k: _wait(p) for k, p in procs.items()}
+    assert f"resumed from {dirs['sharded'] / 'checkpoint_last.dcp'}: epoch 1, step 0" in outputs['sharded']
+    full, resumed = (_last_log(dirs[k]) for k in ('full', 'sharded'))
+    assert full['epoch'] == resumed['epoch'] == 1
+    _close(full, resumed, LOSSES, rel=1e-6)
+    a, b = (_model_of(dirs[k] / 'checkpoint_01.pth') for k in ('full', 'sharded'))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    left = sorted(p.name for p in dirs['sharded'].iterdir() if 'dcp' in p.name)
+    assert left == ['checkpoint_last.dcp'], left  # published by rename: no .old, no temporary directory
+
+
+def test_sharded_checkpoint_resumes_in_one_process(pretrain_runs, sharded_run, toy, tmp_path):
+    """Another world size: the 2-rank sharded checkpoint resumes in one process (no process group; DCP reads both
+    ranks' shards into whole tensors), with the losses of a 1-process resume from the one-file checkpoint."""
+    import pretrain
+    stats = {}
+    for name, saved in (('full', pretrain_runs['fsdp'] / 'checkpoint_last.pth'),
+                        ('sharded', sharded_run / 'checkpoint_last.dcp')):
+        out = tmp_path / name
+        stats[name] = pretrain.main(argv('pretrain', toy, out, '--resume', str(saved)) +
+                                    ['max_epoch=2', 'parallel=fsdp', 'checkpoint_format=sharded'])
+        assert (out / 'checkpoint_last.dcp' / 'meta.pth').is_file()
+    assert stats['sharded']['epoch'] == 1
+    _close(stats['full'], stats['sharded'], LOSSES, rel=1e-6)
+
+
+def test_converter_writes_the_full_checkpoint_of_the_same_run(pretrain_runs, sharded_run, tmp_path):
+    """``python -m engine.convert_checkpoint`` turns the sharded checkpoint into the one-file checkpoint of the same
+    run: the same keys in the same order with the same shapes (original layout), equal tensors, the same AdamW state
+    by parameter index; its model loads strictly into the single-process model and its tensors are then there."""
+    from engine.convert_checkpoint import main as convert
+    from models.blip_pretrain import blip_pretrain
+    out = convert([str(sharded_run / 'checkpoint_last.dcp'), str(tmp_path / 'converted.pth')])
+    full = torch.load(pretrain_runs['fsdp'] / 'checkpoint_last.pth', weights_only=True)
+    converted = torch.load(out, weights_only=True)
+    assert [(k, v.shape) for k, v in converted['model'].items()] == [(k, v.shape) for k, v in full['model'].items()]
+    for k, v in full['model'].items():
+        torch.testing.assert_close(converted['model'][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert converted['optimizer']['param_groups'] == full['optimizer']['param_groups']
+    assert converted['optimizer']['state'].keys() == full['optimizer']['state'].keys()
+    for i, state in full['optimizer']['state'].items():
+        for k, v in state.items():
+            torch.testing.assert_close(converted['optimizer']['state'][i][k], v, rtol=1e-5, atol=1e-6)
+    assert converted['resume'] == full['resume'] and converted['epoch'] == full['epoch'] == 0
+    assert len(converted['rng']) == 2
+    c = converted['config']
+    model = blip_pretrain(queue_size=c['queue_size'], momentum=c['momentum'], image_size=c['image_size'], vit=c['vit'],
+                          med_config=c['med_config'])
+    model.load_state_dict(converted['model'], strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, converted['model'][k]), k
+
+
+def test_incomplete_or_mismatched_sharded_checkpoint_is_one_clear_error(sharded_run, tmp_path):
+    """A directory a killed writer left incomplete, a checkpoint of another model, a sharded directory given where a
+    one-file checkpoint is read: each a ``CheckpointError`` naming the directory and what is wrong. A kill between
+    the two renames of a save leaves the previous checkpoint as ``.old``, which ``--resume auto`` takes."""
+    from engine.convert_checkpoint import convert
+    from engine.sharded_checkpoint import find_resume_point, load_sharded_training_state
+    from models.blip import BLIP_Decoder
+    from models.checkpoint import CheckpointError, read_checkpoint
+    saved = sharded_run / 'checkpoint_last.dcp'
+    decoder = BLIP_Decoder(image_size=TINY_IMAGE, vit=dict(TINY_VIT), med_config=dict(TINY_MED))
+    with pytest.raises(CheckpointError, match=r'checkpoint_last.dcp: sharded checkpoint does not match the model: '
+                                              r'\d+ unexpected keys \(first: temp, .*; \d+ shapes differ \(file vs '
+                                              r'model\) \(first: visual_encoder.cls_token \(1, 1, 64\) vs \(1, 1, 32\)'):
+        load_sharded_training_state(saved, decoder, None)
+    with pytest.raises(CheckpointError, match=r'a sharded training checkpoint .*python -m engine.convert_checkpoint'):
+        read_checkpoint(str(saved))
+    with pytest.raises(CheckpointError, match=r'a one-file checkpoint already'):
+        convert(sharded_run / 'checkpoint_00.pth', tmp_path / 'x.pth')
+    broken = _resume_dir(tmp_path, 'broken', saved) / 'checkpoint_last.dcp'
+    (broken / '.metadata').unlink()
+    for call in (lambda: load_sharded_training_state(broken, decoder, None), lambda: convert(broken, tmp_path / 'y')):
+        with pytest.raises(CheckpointError, match=r'checkpoint_last.dcp: incomplete sharded checkpoint \(no '
+                                                  r'\.metadata\): its writer stopped'):
+            call()
+    assert find_resume_point(broken.parent) is None
+    killed = _resume_dir(tmp_path, 'killed', saved)
+    (killed / 'checkpoint_last.dcp').rename(killed / 'checkpoint_last.dcp.old')
+    assert find_resume_point(killed) == killed / 'checkpoint_last.dcp.old'
