@@ -36,7 +36,7 @@ from engine.parallel import train_mode, unwrap
 from models.checkpoint import CheckpointError, torch_load_checked
 
 __all__ = ['CHECKPOINT_FORMATS', 'SHARDED_SUFFIX', 'META_FILE', 'save_sharded_checkpoint', 'is_sharded_checkpoint',
-           'check_sharded_checkpoint', 'load_sharded_training_state', 'find_resume_point', 'sharded_to_full',
+           'check_sharded_checkpoint', 'load_sharded_training_state', 'aliases', 'find_resume_point', 'sharded_to_full',
            'remove_sharded_checkpoints']
 
 CHECKPOINT_FORMATS = ('full', 'sharded')
@@ -91,8 +91,34 @@ def check_sharded_checkpoint(path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------- saving
 
+def aliases(module: nn.Module, keys: list[str]) -> dict[str, str]:
+    """``{key: first_key}`` for the state-dict keys that name what an earlier key names: the tensors of a module
+    reached by two paths (pretraining's encoder and decoder share cross-attention and FFN modules) and tied
+    parameters (the word embeddings and the LM head). DCP would write each of them again; the one-file format's
+    ``torch.save`` stores a shared tensor once."""
+    first_prefix: dict[int, str] = {}
+    prefixes: dict[str, str] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        prefix = f'{name}.' if name else ''
+        if first_prefix.setdefault(id(m), prefix) != prefix:
+            prefixes[prefix] = first_prefix[id(m)]
+    first_name: dict[int, str] = {}
+    out = {n: first_name[id(p)] for n, p in module.named_parameters(remove_duplicate=False)
+           if first_name.setdefault(id(p), n) != n}
+    present = set(keys)
+    for key in keys:
+        for prefix in sorted((p for p in prefixes if key.startswith(p)), key=len):  # the outermost shared module
+            same = prefixes[prefix] + key[len(prefix):]
+            if same in present and same != key:
+                out[key] = same
+                break
+    while any(v in out for v in out.values()):  # chains (a tied parameter inside a shared module) end at the first
+        out = {k: out.get(v, v) for k, v in out.items()}
+    return {k: v for k, v in out.items() if k in present and v in present and k != v}
+
+
 def _states(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """The DCP state dict of ``model`` (sharded or not; collective under FSDP): original-layout model state and
+    """The DCP state dict of ``model`` (sharded or not; collective under FSDP): the original-layout model state and
     the optimizer state keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     module = unwrap(model)
@@ -144,6 +170,9 @@ def save_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer
     import torch.distributed.checkpoint as dcp
     path = Path(path)
     states = _states(model, optimizer)
+    keys = list(states['model'])
+    same = aliases(unwrap(model), keys)
+    states['model'] = {k: v for k, v in states['model'].items() if k not in same}
     local = {k: (v.to_local() if hasattr(v, 'to_local') else v) for k, v in states['model'].items()}
     finite = torch.tensor([all(bool(torch.isfinite(v).all()) for v in local.values() if v.is_floating_point())])
     if _distributed():
@@ -164,7 +193,7 @@ def save_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer
                 'resume': {'epoch': resume_epoch, 'step': resume_step, 'progress': dict(progress or {})},
                 'rng': rng if rng is not None else [capture_rng_state()],
                 'world_size': dist.get_world_size() if _distributed() else 1,
-                'model_keys': list(states['model'])}
+                'model_keys': keys, 'aliases': same}
         if scaler is not None and scaler.is_enabled():
             meta['scaler'] = scaler.state_dict()
         with open(tmp / META_FILE, 'wb') as f:
@@ -188,12 +217,15 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _check_matches(path: Path, saved, states: dict) -> None:
-    """One message for every way the checkpoint's model keys and shapes differ from the model's."""
+def _check_matches(path: Path, saved, states: dict, keys: list[str], same: dict[str, str]) -> None:
+    """One message for every way the checkpoint's model keys and shapes differ from the model's (``keys``, of which
+    ``same`` name tensors saved under another key)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    ours = {f'model.{k}': tuple(v.shape) for k, v in states['model'].items()}
     theirs = {k: tuple(m.size) for k, m in saved.state_dict_metadata.items()
               if k.startswith('model.') and isinstance(m, TensorStorageMetadata)}
+    theirs.update({f'model.{k}': theirs[f'model.{v}'] for k, v in same.items() if f'model.{v}' in theirs})
+    shape = {k: tuple(v.shape) for k, v in states['model'].items()}
+    ours = {f'model.{k}': shape.get(k, shape.get(same.get(k, k))) for k in keys}
     missing = [k[6:] for k in ours if k not in theirs]
     unexpected = [k[6:] for k in theirs if k not in ours]
     shapes = [f'{k[6:]} {theirs[k]} vs {s}' for k, s in ours.items() if k in theirs and theirs[k] != s]
@@ -216,16 +248,20 @@ def load_sharded_training_state(path: str | os.PathLike, model: nn.Module, optim
     path = check_sharded_checkpoint(path)
     meta = _read_meta(path)
     states = _states(model, optimizer)
+    keys = list(states['model'])
+    same = {k: v for k, v in meta.get('aliases', {}).items() if k in states['model'] and v in states['model']}
+    states['model'] = {k: v for k, v in states['model'].items() if k not in same}
     reader = dcp.FileSystemReader(str(path))
-    _check_matches(path, reader.read_metadata(), states)
+    _check_matches(path, reader.read_metadata(), states, keys, same)
     try:
         dcp.load(states, storage_reader=reader, no_dist=not _distributed())
     except Exception as e:  # DCP's own errors (a missing optimizer entry, a damaged shard file) name no file
         raise CheckpointError(f'{path}: cannot read the sharded checkpoint into this model and optimizer '
                               f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e})') from e
     module = unwrap(model)
+    loaded = {k: states['model'][same.get(k, k)] for k in keys}
     try:  # the loaded original-layout tensors go through the model's hooks into its own (fused) parameters
-        module.load_state_dict(states['model'], strict=True)
+        module.load_state_dict(loaded, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f'{path}: does not match the model: {e}') from e
     if 'optimizer' in states:
@@ -283,11 +319,12 @@ def sharded_to_full(path: str | os.PathLike) -> dict:
     except Exception as e:
         raise CheckpointError(f'{path}: cannot read the sharded checkpoint ({type(e).__name__}: {e})') from e
     model = state.get('model', {})
-    missing = [k for k in meta['model_keys'] if k not in model]
+    same = meta.get('aliases', {})
+    missing = [k for k in meta['model_keys'] if same.get(k, k) not in model]
     if missing:
         raise CheckpointError(f'{path}: incomplete sharded checkpoint: {len(missing)} model keys of {META_FILE} have '
                               f'no tensors (first: {", ".join(missing[:3])})')
-    full = {'model': {k: model[k] for k in meta['model_keys']},
+    full = {'model': {k: model[same.get(k, k)] for k in meta['model_keys']},  # an alias: the very tensor
             'optimizer': _optimizer_by_index(state['optimizer']) if 'optimizer' in state else {},
             'config': meta['config'], 'epoch': meta['epoch'], 'resume': meta['resume'], 'rng': meta['rng']}
     if 'scaler' in meta:
