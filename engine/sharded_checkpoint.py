@@ -217,15 +217,12 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _check_matches(path: Path, saved, states: dict, keys: list[str], same: dict[str, str]) -> None:
-    """One message for every way the checkpoint's model keys and shapes differ from the model's (``keys``, of which
-    ``same`` name tensors saved under another key)."""
+def _check_matches(path: Path, saved, states: dict) -> None:
+    """One message for every way the checkpoint's model keys and shapes differ from those ``states`` reads."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     theirs = {k: tuple(m.size) for k, m in saved.state_dict_metadata.items()
               if k.startswith('model.') and isinstance(m, TensorStorageMetadata)}
-    theirs.update({f'model.{k}': theirs[f'model.{v}'] for k, v in same.items() if f'model.{v}' in theirs})
-    shape = {k: tuple(v.shape) for k, v in states['model'].items()}
-    ours = {f'model.{k}': shape.get(k, shape.get(same.get(k, k))) for k in keys}
+    ours = {f'model.{k}': tuple(v.shape) for k, v in states['model'].items()}
     missing = [k[6:] for k in ours if k not in theirs]
     unexpected = [k[6:] for k in theirs if k not in ours]
     shapes = [f'{k[6:]} {theirs[k]} vs {s}' for k, s in ours.items() if k in theirs and theirs[k] != s]
@@ -249,10 +246,13 @@ def load_sharded_training_state(path: str | os.PathLike, model: nn.Module, optim
     meta = _read_meta(path)
     states = _states(model, optimizer)
     keys = list(states['model'])
-    same = {k: v for k, v in meta.get('aliases', {}).items() if k in states['model'] and v in states['model']}
-    states['model'] = {k: v for k, v in states['model'].items() if k not in same}
+    same = meta.get('aliases', {})  # a key the file holds under another one reads from there
+    by_file_key: dict = {}
+    for k in keys:
+        by_file_key.setdefault(same.get(k, k), states['model'][k])
+    states['model'] = by_file_key
     reader = dcp.FileSystemReader(str(path))
-    _check_matches(path, reader.read_metadata(), states, keys, same)
+    _check_matches(path, reader.read_metadata(), states)
     try:
         dcp.load(states, storage_reader=reader, no_dist=not _distributed())
     except Exception as e:  # DCP's own errors (a missing optimizer entry, a damaged shard file) name no file
