@@ -19,9 +19,11 @@ checkpoint of the single-process model, ``predict.py`` and the original code out
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +70,14 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and (path.suffix == SHARDED_SUFFIX or (path / _DCP_METADATA).exists()
                               or (path / META_FILE).exists())
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """DCP warns on every call without a process group that it assumes one process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        yield
 
 
 def _complete(path: Path) -> bool:
@@ -187,7 +197,8 @@ def save_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer
         _remove_stale_temps(path, keep=tmp)
     if _distributed():
         dist.barrier()
-    dcp.save(states, checkpoint_id=tmp, no_dist=not _distributed())
+    with _one_process_is_intended():
+        dcp.save(states, checkpoint_id=tmp, no_dist=not _distributed())
     if _rank() == 0:
         meta = {'format': _FORMAT_VERSION, 'config': config, 'epoch': epoch,
                 'resume': {'epoch': resume_epoch, 'step': resume_step, 'progress': dict(progress or {})},
@@ -254,7 +265,8 @@ def load_sharded_training_state(path: str | os.PathLike, model: nn.Module, optim
     reader = dcp.FileSystemReader(str(path))
     _check_matches(path, reader.read_metadata(), states)
     try:
-        dcp.load(states, storage_reader=reader, no_dist=not _distributed())
+        with _one_process_is_intended():
+            dcp.load(states, storage_reader=reader, no_dist=not _distributed())
     except Exception as e:  # DCP's own errors (a missing optimizer entry, a damaged shard file) name no file
         raise CheckpointError(f'{path}: cannot read the sharded checkpoint into this model and optimizer '
                               f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e})') from e

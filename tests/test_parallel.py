@@ -402,3 +402,36 @@ def test_incomplete_or_mismatched_sharded_checkpoint_is_one_clear_error(sharded_
     killed = _resume_dir(tmp_path, 'killed', saved)
     (killed / 'checkpoint_last.dcp').rename(killed / 'checkpoint_last.dcp.old')
     assert find_resume_point(killed) == killed / 'checkpoint_last.dcp.old'
+
+
+def test_sharded_checkpoints_count_as_an_earlier_run_and_resume_takes_the_newer_format(tmp_path):
+    """A folder with a sharded checkpoint is refused to a fresh run and emptied by ``--overwrite`` (its temporary
+    and ``.old`` directories too); ``--resume auto`` takes whichever of checkpoint_last.pth / .dcp is newer; an
+    unknown ``checkpoint_format`` is one clear error."""
+    import argparse
+    from engine.config import ConfigError
+    from engine.runner import check_output_dir, remove_earlier_run
+    from engine.sharded_checkpoint import find_resume_point
+    sharded = tmp_path / 'checkpoint_last.dcp'
+    for d in (sharded, tmp_path / 'checkpoint_last.dcp.old', tmp_path / '.checkpoint_last.dcp.1234abcd.tmp'):
+        d.mkdir()
+        (d / '.metadata').write_bytes(b'')
+        (d / 'meta.pth').write_bytes(b'')
+    args = argparse.Namespace(output_dir=str(tmp_path), evaluate=False, resume=None, overwrite=False)
+    with pytest.raises(ConfigError, match=r'holds checkpoints of an earlier run \(checkpoint_last.dcp\)'):
+        check_output_dir(args)
+    full = tmp_path / 'checkpoint_last.pth'
+    full.write_bytes(b'')
+    os.utime(sharded / 'meta.pth', (1, 1))
+    assert find_resume_point(tmp_path) == full
+    os.utime(full, (0, 0))
+    assert find_resume_point(tmp_path) == sharded
+    remove_earlier_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_unknown_checkpoint_format_is_one_clear_error(toy, tmp_path):
+    import pretrain
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match=r"checkpoint_format must be one of full, sharded, got 'zip'"):
+        pretrain.main(argv('pretrain', toy, tmp_path) + ['checkpoint_format=zip'])
