@@ -10,7 +10,8 @@ A sharded checkpoint is a directory ``checkpoint_last.dcp/`` holding
   state-dict hooks: query/key/value separate), the momentum encoders and the ITC queues included; the optimizer
   state keyed by parameter name (``torch.distributed.checkpoint.state_dict``, which any world size maps back);
 * ``meta.pth`` (rank 0, ``weights_only``-loadable): what the one-file format holds beside the weights (config,
-  epoch, resume position and progress, every rank's RNG state, the fp16 scaler) and the model keys in order.
+  epoch, resume position and progress, every rank's RNG state, the fp16 scaler), the model keys in order, and the
+  keys that name a tensor an earlier key names (shared modules, tied weights: written once, as ``torch.save`` does).
 
 It is written under a temporary name and renamed when complete; the directory it replaces is first renamed to
 ``checkpoint_last.dcp.old`` and removed last, so a kill at any moment leaves one complete checkpoint that
