@@ -95,14 +95,21 @@ def test_fsdp_pretraining_matches_ddp_losses_and_checkpoint_layout(pretrain_runs
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in b['optimizer']['state'][i].items()}
 
 
-def test_fsdp_checkpoint_resumes_in_one_process(pretrain_runs, toy, tmp_path):
+@pytest.fixture(scope='module')
+def one_process_resume(pretrain_runs, toy, module_dir) -> tuple[dict, Path]:
+    """The FSDP run's one-file checkpoint resumed in one process for a second epoch: (its stats, its folder)."""
+    import pretrain
+    out = module_dir('resume_one_process')
+    saved = str(pretrain_runs['fsdp'] / 'checkpoint_last.pth')
+    return pretrain.main(argv('pretrain', toy, out, '--resume', saved) + ['max_epoch=2', 'parallel=fsdp']), out
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(one_process_resume):
     """The FSDP run's checkpoint is the single-process model's: a plain ``python pretrain.py --resume`` continues
     it (model strict, optimizer state) for the next epoch."""
-    import pretrain
-    saved = str(pretrain_runs['fsdp'] / 'checkpoint_last.pth')
-    stats = pretrain.main(argv('pretrain', toy, tmp_path, '--resume', saved) + ['max_epoch=2', 'parallel=fsdp'])
+    stats, out = one_process_resume
     assert stats['epoch'] == 1 and all(stats[k] == stats[k] for k in LOSSES)
-    saved = torch.load(tmp_path / 'checkpoint_01.pth', weights_only=True)
+    saved = torch.load(out / 'checkpoint_01.pth', weights_only=True)
     assert saved['optimizer']['state'] and saved['epoch'] == 1
 
 
@@ -328,19 +335,20 @@ def test_sharded_resume_on_two_processes_continues_as_the_full_format(pretrain_r
     assert left == ['checkpoint_last.dcp'], left  # published by rename: no .old, no temporary directory
 
 
-def test_sharded_checkpoint_resumes_in_one_process(pretrain_runs, sharded_run, toy, tmp_path):
+def test_sharded_checkpoint_resumes_in_one_process(one_process_resume, sharded_run, toy, tmp_path):
     """Another world size: the 2-rank sharded checkpoint resumes in one process (no process group; DCP reads both
-    ranks' shards into whole tensors), with the losses of a 1-process resume from the one-file checkpoint."""
+    ranks' shards into whole tensors), with the losses and weights of a 1-process resume from the one-file
+    checkpoint of the same run; its own resume point is sharded too."""
     import pretrain
-    stats = {}
-    for name, saved in (('full', pretrain_runs['fsdp'] / 'checkpoint_last.pth'),
-                        ('sharded', sharded_run / 'checkpoint_last.dcp')):
-        out = tmp_path / name
-        stats[name] = pretrain.main(argv('pretrain', toy, out, '--resume', str(saved)) +
-                                    ['max_epoch=2', 'parallel=fsdp', 'checkpoint_format=sharded'])
-        assert (out / 'checkpoint_last.dcp' / 'meta.pth').is_file()
-    assert stats['sharded']['epoch'] == 1
-    _close(stats['full'], stats['sharded'], LOSSES, rel=1e-6)
+    full, full_out = one_process_resume
+    stats = pretrain.main(argv('pretrain', toy, tmp_path, '--resume', str(sharded_run / 'checkpoint_last.dcp')) +
+                          ['max_epoch=2', 'parallel=fsdp', 'checkpoint_format=sharded'])
+    assert (tmp_path / 'checkpoint_last.dcp' / 'meta.pth').is_file()
+    assert stats['epoch'] == 1
+    _close(full, stats, LOSSES, rel=1e-6)
+    a, b = (_model_of(out / 'checkpoint_01.pth') for out in (full_out, tmp_path))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_converter_writes_the_full_checkpoint_of_the_same_run(pretrain_runs, sharded_run, tmp_path):
