@@ -129,6 +129,41 @@ for script in ('pretrain', 'train_caption'):
 sys.exit(0 if ok_all else 1)
 EOF
 
+# FSDP memory (issue 24), self-contained: per-GPU memory of the ViT-L pretraining step (B=64 @224, queue 57600) and
+# of ViT-L caption training (B=32 @384) under DDP and under FSDP as rank 0 of 8 and of 32 ranks (a fake process
+# group: benchmarks/memory_fsdp.py, one subprocess per configuration, ~2-3 min on an H100/H200). PASS = ViT-L
+# pretraining within 40 GiB per GPU under FSDP x8 (the issue's target). DEV=cpu SIZE=tiny: the accounting only (no
+# peak without CUDA), PASS = every configuration ran. SKIP_FSDP_MEMORY=1 leaves it out.
+if [ -z "${SKIP_FSDP_MEMORY:-}" ]; then
+  MEM_SIZE=large; MEM_QUEUE=57600; [ "$SIZE" = tiny ] && { MEM_SIZE=tiny; MEM_QUEUE=256; }
+  rm -f "$OUT/memory_fsdp.jsonl"
+  step fsdp_memory 330 $PY benchmarks/memory_fsdp.py --device $DEV --size $MEM_SIZE --queue $MEM_QUEUE --worlds 8 32 \
+    --timeout 150 --json "$OUT/memory_fsdp.jsonl"
+  step fsdp_memory_target 20 $PY - "$OUT/memory_fsdp.jsonl" "$J" "$DEV" <<'EOF'
+import json, os, sys
+rows_file, results, dev = sys.argv[1:]
+rows = [json.loads(line) for line in open(rows_file)] if os.path.exists(rows_file) else []
+for r in rows:
+    name = r.get('failed') or f"{r['workload']} {r['mode']} x{r['world']}"
+    detail = {k: r.get(k) for k in ('peak_gib', 'peak_gib_with_ddp_buckets', 'static_gib',
+                                    'static_bytes_per_trainable_param', 'error') if r.get(k) is not None}
+    print(f"{'FAIL' if 'failed' in r else 'INFO'} fsdp_memory[{name}] {json.dumps(detail)}")
+target = [r for r in rows if r.get('workload') == 'pretrain_memory' and r.get('mode') == 'fsdp' and r.get('world') == 8]
+if dev == 'cuda':
+    peak = target[0].get('peak_gib') if target else None
+    ok = peak is not None and peak <= 40
+    verdict = {'peak_gib': peak, 'target_gib': 40}
+else:
+    ok = len(rows) == 6 and not any('failed' in r for r in rows)
+    verdict = {'configurations': len(rows), 'note': 'CPU: accounting only, no peak'}
+print(f"{'PASS' if ok else 'FAIL'} fsdp_vitl_pretraining_within_40GiB_per_gpu_x8 {json.dumps(verdict)}")
+with open(results, 'a') as f:
+    f.write(json.dumps({'workload': 'gpu_check', 'check': 'fsdp_vitl_pretraining_within_40GiB_per_gpu_x8',
+                        'pass': ok, **verdict}) + '\n')
+sys.exit(0 if ok else 1)
+EOF
+fi
+
 if [ -n "${QUICK:-}" ] && [ $((BUDGET - SECONDS)) -gt 60 ]; then
   OUT="$OUT/bench" QUICK=1 BUDGET=$((BUDGET - SECONDS)) DEV=$DEV SIZE=$SIZE PY=$PY bash benchmarks/run_gpu.sh
 fi

@@ -22,7 +22,8 @@ from models.checkpoint import CheckpointError, check_finite_state_dict, extract_
 from models.layout import optimizer_state_in_our_layout
 
 __all__ = ['save_checkpoint', 'load_training_state', 'find_latest_checkpoint', 'capture_rng_state',
-           'restore_rng_state', 'atomic_torch_save', 'optimizer_state_in_our_layout', 'NonFiniteWeightsError']
+           'restore_rng_state', 'restore_position', 'atomic_torch_save', 'optimizer_state_in_our_layout',
+           'NonFiniteWeightsError']
 
 
 def capture_rng_state() -> dict:
@@ -138,6 +139,13 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
                 model, optimizer, optimizer_state_in_our_layout(checkpoint['optimizer'], model, optimizer)))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f'{source}: optimizer state does not match: {e}') from e
+    return restore_position(checkpoint, source, scaler, rank, world_size, progress)
+
+
+def restore_position(checkpoint: dict, source: str, scaler: Optional[torch.amp.GradScaler] = None, rank: int = 0,
+                     world_size: int = 1, progress: Optional[dict] = None) -> tuple[int, int]:
+    """What a checkpoint holds beside the weights, restored: the scaler, this rank's RNG, ``progress``; returns
+    (epoch, step) to continue at. Shared by the one-file and the sharded format (``engine.sharded_checkpoint``)."""
     if scaler is not None and 'scaler' in checkpoint:
         scaler.load_state_dict(checkpoint['scaler'])
     states = checkpoint.get('rng') or []

@@ -38,7 +38,9 @@ class CommonConfig:
     checkpoints for ``--resume`` (0 = epoch ends only); ``compile``: ``torch.compile`` each ViT block and MED
     layer (``models.compile``; decoding stays eager); ``parallel``: ``ddp`` (every rank holds the whole model) or
     ``fsdp`` (FSDP2: weights, gradients and AdamW moments sharded over the ranks, ``engine.parallel``);
-    ``med_grad_ckpt``: activation checkpointing of every MED layer (the ViT's is the original ``vit_grad_ckpt``).
+    ``med_grad_ckpt``: activation checkpointing of every MED layer (the ViT's is the original ``vit_grad_ckpt``);
+    ``checkpoint_format``: resume points (``checkpoint_last``) as one file (``full``) or as a
+    torch.distributed.checkpoint directory every rank writes its shards into (``sharded``, ``engine.sharded_checkpoint``).
     """
     med_config: str = 'configs/med_config.json'
     toy_root: str = ''
@@ -52,6 +54,7 @@ class CommonConfig:
     compile: bool = False
     parallel: str = 'ddp'
     med_grad_ckpt: bool = False
+    checkpoint_format: str = 'full'
 
     # Mapping-style access: the data factories read configs as the original's dicts.
     def __contains__(self, key: str) -> bool:

@@ -25,10 +25,13 @@ from data.image_check import check_images
 from data.loading import BadSampleError
 from engine import distributed as du
 from engine import parallel
-from engine.checkpoint_io import capture_rng_state, find_latest_checkpoint, load_training_state, save_checkpoint
+from engine.checkpoint_io import capture_rng_state, load_training_state, save_checkpoint
 from engine.config import (CommonConfig, ConfigError, add_common_args, key_source, load_config, refuse_unused_flags,
                            save_config)
 from engine.lock import lock_output_dir, release_output_dir
+from engine.sharded_checkpoint import (CHECKPOINT_FORMATS, SHARDED_SUFFIX, find_resume_point, is_sharded_checkpoint,
+                                       load_sharded_training_state, remove_sharded_checkpoints,
+                                       save_sharded_checkpoint)
 from engine.logging import JsonLogger, logs_to_resume_point
 from engine.loop import AMP_DTYPES, NonFiniteLossError, ResumableSampler, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
@@ -71,7 +74,8 @@ def check_output_dir(args: argparse.Namespace) -> None:
     epochs into log.txt."""
     if not trains_afresh(args) or getattr(args, 'overwrite', False):
         return
-    found = sorted(p.name for p in Path(args.output_dir).glob('checkpoint_*.pth'))
+    found = sorted(p.name for p in [*Path(args.output_dir).glob('checkpoint_*.pth'),
+                                    *Path(args.output_dir).glob(f'checkpoint_*{SHARDED_SUFFIX}')])
     if found:
         raise ConfigError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(found[:3])}"
                           f"{', ...' if len(found) > 3 else ''}): --resume auto continues it, --overwrite replaces "
@@ -86,6 +90,8 @@ def remove_earlier_run(output_dir: str | Path) -> None:
         if path.is_file():
             path.unlink()
             print(f'--overwrite: removed {path}')
+    for path in remove_sharded_checkpoints(out):
+        print(f'--overwrite: removed {path}')
 
 
 def mid_epoch_start_step(saved: dict, batch_size: int, world_size: int, steps: int) -> int:
@@ -288,6 +294,10 @@ class Run:
         if mode not in parallel.PARALLEL_MODES:
             raise ConfigError(f"{key_source('parallel', self.args.config, self.args.options)}: parallel must be one "
                               f"of {', '.join(parallel.PARALLEL_MODES)}, got {mode!r}")
+        if self.config.get('checkpoint_format', 'full') not in CHECKPOINT_FORMATS:
+            raise ConfigError(f"{key_source('checkpoint_format', self.args.config, self.args.options)}: "
+                              f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "
+                              f"{self.config.get('checkpoint_format')!r}")
         graphed = self.cuda_graph = self._resolve_graphed_step(graph_auto) if graphed_step else False
         if graphed:
             if self.precision == 'fp16':
@@ -356,12 +366,13 @@ class Run:
         resume = getattr(self.args, 'resume', None)
         if not resume:
             return
-        path = find_latest_checkpoint(self.output_dir) if resume == 'auto' else resume
+        path = find_resume_point(self.output_dir) if resume == 'auto' else resume
         if path is None:
             print('--resume auto: no checkpoint yet, starting from scratch')
             return
-        epoch, step = load_training_state(path, self.model_without_ddp, self.optimizer, self.scaler,
-                                          rank=du.get_rank(), world_size=du.get_world_size(), progress=self.progress)
+        load = load_sharded_training_state if is_sharded_checkpoint(path) else load_training_state
+        epoch, step = load(path, self.model_without_ddp, self.optimizer, self.scaler, rank=du.get_rank(),
+                           world_size=du.get_world_size(), progress=self.progress)
         self.start_epoch, self.start_step = epoch, step
         print(f'resumed from {path}: epoch {epoch}, step {step}')
         if not self.args.evaluate and epoch >= self.config.max_epoch:
@@ -441,7 +452,7 @@ class Run:
 
     def _checkpoints_on_disk(self) -> str:
         """What a stopped run leaves to continue from, said as it is (there may be none)."""
-        latest = find_latest_checkpoint(self.output_dir)
+        latest = find_resume_point(self.output_dir)
         if latest is None:
             return (f'no checkpoint was written in {self.output_dir} yet; lower init_lr, set clip_grad or check the '
                     f'pretrained weights ({self.config.get("pretrained", "") or "none"})')
@@ -485,11 +496,17 @@ class Run:
                                 epoch, epoch + 1, 0, scaler=self.scaler, progress=self.progress, **states)
 
     def save_resume_point(self, epoch: int, resume: tuple[int, int]) -> None:
-        """``checkpoint_last.pth`` continuing at ``resume`` = (epoch, step). Collective: every rank's RNG
-        state is gathered so a resumed multi-process run continues each rank's random stream."""
+        """``checkpoint_last.pth`` (``checkpoint_format: sharded``: ``checkpoint_last.dcp/``) continuing at ``resume``
+        = (epoch, step). Collective: every rank's RNG state is gathered so a resumed multi-process run continues each
+        rank's random stream."""
         for hook in self.resume_hooks:
             hook(resume)
         rng = gather_objects([capture_rng_state()])
+        if self.config.get('checkpoint_format', 'full') == 'sharded':  # every rank writes its own shards
+            save_sharded_checkpoint(self.output_dir / f'checkpoint_last{SHARDED_SUFFIX}', self.model, self.optimizer,
+                                    self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng,
+                                    progress=self.progress)
+            return
         states = self._gathered_states()
         if self.is_main:
             save_checkpoint(self.output_dir / 'checkpoint_last.pth', self.model_without_ddp, self.optimizer,

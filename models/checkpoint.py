@@ -92,6 +92,10 @@ def resolve_checkpoint_path(url_or_filename: str | os.PathLike) -> str:
 def read_checkpoint(url_or_filename: str) -> dict:
     """Load a checkpoint file or URL with ``weights_only=True`` and return its dict."""
     path = resolve_checkpoint_path(url_or_filename)
+    if os.path.isfile(os.path.join(path, '.metadata')):  # torch.distributed.checkpoint's directory layout
+        raise CheckpointError(f'{path}: a sharded training checkpoint (checkpoint_format: sharded); '
+                              f'`python -m engine.convert_checkpoint {path} OUT.pth` writes the one-file checkpoint '
+                              f'to load here (training scripts --resume from the directory itself)')
     if os.path.isdir(path) or path.endswith('.safetensors'):
         try:  # HF transformers' BLIP files
             return {'model': read_hf_state_dict(path)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,14 +95,21 @@ def test_fsdp_pretraining_matches_ddp_losses_and_checkpoint_layout(pretrain_runs
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in b['optimizer']['state'][i].items()}
 
 
-def test_fsdp_checkpoint_resumes_in_one_process(pretrain_runs, toy, tmp_path):
+@pytest.fixture(scope='module')
+def one_process_resume(pretrain_runs, toy, module_dir) -> tuple[dict, Path]:
+    """The FSDP run's one-file checkpoint resumed in one process for a second epoch: (its stats, its folder)."""
+    import pretrain
+    out = module_dir('resume_one_process')
+    saved = str(pretrain_runs['fsdp'] / 'checkpoint_last.pth')
+    return pretrain.main(argv('pretrain', toy, out, '--resume', saved) + ['max_epoch=2', 'parallel=fsdp']), out
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(one_process_resume):
     """The FSDP run's checkpoint is the single-process model's: a plain ``python pretrain.py --resume`` continues
     it (model strict, optimizer state) for the next epoch."""
-    import pretrain
-    saved = str(pretrain_runs['fsdp'] / 'checkpoint_last.pth')
-    stats = pretrain.main(argv('pretrain', toy, tmp_path, '--resume', saved) + ['max_epoch=2', 'parallel=fsdp'])
+    stats, out = one_process_resume
     assert stats['epoch'] == 1 and all(stats[k] == stats[k] for k in LOSSES)
-    saved = torch.load(tmp_path / 'checkpoint_01.pth', weights_only=True)
+    saved = torch.load(out / 'checkpoint_01.pth', weights_only=True)
     assert saved['optimizer']['state'] and saved['epoch'] == 1
 
 
@@ -274,3 +282,164 @@ def test_models_do_not_import_the_engine():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ''] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == 'engine' or n.startswith('engine.') for n in names), f'{path.name} imports {names}'
+
+
+# ---------------------------------------------------------------------------------------------- sharded checkpoints
+
+@pytest.fixture(scope='module')
+def sharded_run(toy, module_dir) -> Path:
+    """The FSDP run of ``pretrain_runs`` again (2 processes) with ``checkpoint_format: sharded``: its resume point is
+    ``checkpoint_last.dcp/``, every rank writing its own shards."""
+    out = module_dir('pretrain_fsdp_sharded')
+    _wait(_torchrun('pretrain', argv('pretrain', toy, out) + OPTIONS['fsdp'] + ['checkpoint_format=sharded']))
+    return out
+
+
+def _resume_dir(root: Path, name: str, checkpoint: Path) -> Path:
+    """An output folder holding only ``checkpoint`` (a file or a sharded directory), for ``--resume auto``."""
+    out = root / name
+    out.mkdir()
+    copy = shutil.copytree if checkpoint.is_dir() else shutil.copy2
+    copy(checkpoint, out / checkpoint.name)
+    return out
+
+
+def _model_of(path: Path) -> dict:
+    return torch.load(path, weights_only=True)['model']
+
+
+def test_sharded_resume_on_two_processes_continues_as_the_full_format(pretrain_runs, sharded_run, toy, tmp_path):
+    """Every rank writes its shards (two .distcp files), and ``--resume auto`` on 2 processes finds the directory
+    and continues exactly as from the one-file checkpoint of the same run: the same next-epoch losses and
+    weights. A temporary directory a killed writer left is neither resumed from nor kept."""
+    sharded = sharded_run / 'checkpoint_last.dcp'
+    assert len(list(sharded.glob('*.distcp'))) == 2 and (sharded / 'meta.pth').is_file()
+    assert not (sharded_run / 'checkpoint_last.pth').exists()
+    dirs = {'full': _resume_dir(tmp_path, 'full', pretrain_runs['fsdp'] / 'checkpoint_last.pth'),
+            'sharded': _resume_dir(tmp_path, 'sharded', sharded)}
+    dead = dirs['sharded'] / '.checkpoint_last.dcp.0badf00d.tmp'
+    dead.mkdir()
+    (dead / '__0_0.distcp').write_bytes(b'half written')
+    procs = {k: _torchrun('pretrain', argv('pretrain', toy, out, '--resume', 'auto') + OPTIONS['fsdp'] +
+                          ['max_epoch=2', f"checkpoint_format={k}"]) for k, out in dirs.items()}
+    outputs = {k: _wait(p) for k, p in procs.items()}
+    assert f"resumed from {dirs['sharded'] / 'checkpoint_last.dcp'}: epoch 1, step 0" in outputs['sharded']
+    full, resumed = (_last_log(dirs[k]) for k in ('full', 'sharded'))
+    assert full['epoch'] == resumed['epoch'] == 1
+    _close(full, resumed, LOSSES, rel=1e-6)
+    a, b = (_model_of(dirs[k] / 'checkpoint_01.pth') for k in ('full', 'sharded'))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    left = sorted(p.name for p in dirs['sharded'].iterdir() if 'dcp' in p.name)
+    assert left == ['checkpoint_last.dcp'], left  # published by rename: no .old, no temporary directory
+
+
+def test_sharded_checkpoint_resumes_in_one_process(one_process_resume, sharded_run, toy, tmp_path):
+    """Another world size: the 2-rank sharded checkpoint resumes in one process (no process group; DCP reads both
+    ranks' shards into whole tensors), with the losses and weights of a 1-process resume from the one-file
+    checkpoint of the same run; its own resume point is sharded too."""
+    import pretrain
+    full, full_out = one_process_resume
+    stats = pretrain.main(argv('pretrain', toy, tmp_path, '--resume', str(sharded_run / 'checkpoint_last.dcp')) +
+                          ['max_epoch=2', 'parallel=fsdp', 'checkpoint_format=sharded'])
+    assert (tmp_path / 'checkpoint_last.dcp' / 'meta.pth').is_file()
+    assert stats['epoch'] == 1
+    _close(full, stats, LOSSES, rel=1e-6)
+    a, b = (_model_of(out / 'checkpoint_01.pth') for out in (full_out, tmp_path))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_converter_writes_the_full_checkpoint_of_the_same_run(pretrain_runs, sharded_run, tmp_path):
+    """``python -m engine.convert_checkpoint`` turns the sharded checkpoint into the one-file checkpoint of the same
+    run: the same keys in the same order with the same shapes (original layout), equal tensors, the same AdamW state
+    by parameter index; its model loads strictly into the single-process model and its tensors are then there."""
+    from engine.convert_checkpoint import main as convert
+    from models.blip_pretrain import blip_pretrain
+    out = convert([str(sharded_run / 'checkpoint_last.dcp'), str(tmp_path / 'converted.pth')])
+    full = torch.load(pretrain_runs['fsdp'] / 'checkpoint_last.pth', weights_only=True)
+    # tensors shared by two keys (the encoder's and decoder's shared modules, tied embeddings) are written once,
+    # as torch.save stores them once: the shards hold what the one file holds, not 1.5 times as much
+    shards = sum(f.stat().st_size for f in (sharded_run / 'checkpoint_last.dcp').glob('*.distcp'))
+    assert shards < 1.05 * (pretrain_runs['fsdp'] / 'checkpoint_last.pth').stat().st_size
+    converted = torch.load(out, weights_only=True)
+    assert [(k, v.shape) for k, v in converted['model'].items()] == [(k, v.shape) for k, v in full['model'].items()]
+    for k, v in full['model'].items():
+        torch.testing.assert_close(converted['model'][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert converted['optimizer']['param_groups'] == full['optimizer']['param_groups']
+    assert converted['optimizer']['state'].keys() == full['optimizer']['state'].keys()
+    for i, state in full['optimizer']['state'].items():
+        for k, v in state.items():
+            torch.testing.assert_close(converted['optimizer']['state'][i][k], v, rtol=1e-5, atol=1e-6)
+    assert converted['resume'] == full['resume'] and converted['epoch'] == full['epoch'] == 0
+    assert len(converted['rng']) == 2
+    c = converted['config']
+    model = blip_pretrain(queue_size=c['queue_size'], momentum=c['momentum'], image_size=c['image_size'], vit=c['vit'],
+                          med_config=c['med_config'])
+    model.load_state_dict(converted['model'], strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, converted['model'][k]), k
+
+
+def test_incomplete_or_mismatched_sharded_checkpoint_is_one_clear_error(sharded_run, tmp_path):
+    """A directory a killed writer left incomplete, a checkpoint of another model, a sharded directory given where a
+    one-file checkpoint is read: each a ``CheckpointError`` naming the directory and what is wrong. A kill between
+    the two renames of a save leaves the previous checkpoint as ``.old``, which ``--resume auto`` takes."""
+    from engine.convert_checkpoint import convert
+    from engine.sharded_checkpoint import find_resume_point, load_sharded_training_state
+    from models.blip import BLIP_Decoder
+    from models.checkpoint import CheckpointError, read_checkpoint
+    saved = sharded_run / 'checkpoint_last.dcp'
+    decoder = BLIP_Decoder(image_size=TINY_IMAGE, vit=dict(TINY_VIT), med_config=dict(TINY_MED))
+    with pytest.raises(CheckpointError, match=r'checkpoint_last.dcp: sharded checkpoint does not match the model: '
+                                              r'\d+ unexpected keys \(first: temp, .*; \d+ shapes differ \(file vs '
+                                              r'model\) \(first: visual_encoder.cls_token \(1, 1, 64\) vs \(1, 1, 32\)'):
+        load_sharded_training_state(saved, decoder, None)
+    with pytest.raises(CheckpointError, match=r'a sharded training checkpoint .*python -m engine.convert_checkpoint'):
+        read_checkpoint(str(saved))
+    with pytest.raises(CheckpointError, match=r'a one-file checkpoint already'):
+        convert(sharded_run / 'checkpoint_00.pth', tmp_path / 'x.pth')
+    broken = _resume_dir(tmp_path, 'broken', saved) / 'checkpoint_last.dcp'
+    (broken / '.metadata').unlink()
+    for call in (lambda: load_sharded_training_state(broken, decoder, None), lambda: convert(broken, tmp_path / 'y')):
+        with pytest.raises(CheckpointError, match=r'checkpoint_last.dcp: incomplete sharded checkpoint \(no '
+                                                  r'\.metadata\): its writer stopped'):
+            call()
+    assert find_resume_point(broken.parent) is None
+    killed = _resume_dir(tmp_path, 'killed', saved)
+    (killed / 'checkpoint_last.dcp').rename(killed / 'checkpoint_last.dcp.old')
+    assert find_resume_point(killed) == killed / 'checkpoint_last.dcp.old'
+
+
+def test_sharded_checkpoints_count_as_an_earlier_run_and_resume_takes_the_newer_format(tmp_path):
+    """A folder with a sharded checkpoint is refused to a fresh run and emptied by ``--overwrite`` (its temporary
+    and ``.old`` directories too); ``--resume auto`` takes whichever of checkpoint_last.pth / .dcp is newer; an
+    unknown ``checkpoint_format`` is one clear error."""
+    import argparse
+    from engine.config import ConfigError
+    from engine.runner import check_output_dir, remove_earlier_run
+    from engine.sharded_checkpoint import find_resume_point
+    sharded = tmp_path / 'checkpoint_last.dcp'
+    for d in (sharded, tmp_path / 'checkpoint_last.dcp.old', tmp_path / '.checkpoint_last.dcp.1234abcd.tmp'):
+        d.mkdir()
+        (d / '.metadata').write_bytes(b'')
+        (d / 'meta.pth').write_bytes(b'')
+    args = argparse.Namespace(output_dir=str(tmp_path), evaluate=False, resume=None, overwrite=False)
+    with pytest.raises(ConfigError, match=r'holds checkpoints of an earlier run \(checkpoint_last.dcp\)'):
+        check_output_dir(args)
+    full = tmp_path / 'checkpoint_last.pth'
+    full.write_bytes(b'')
+    os.utime(sharded / 'meta.pth', (1, 1))
+    assert find_resume_point(tmp_path) == full
+    os.utime(full, (0, 0))
+    assert find_resume_point(tmp_path) == sharded
+    remove_earlier_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_unknown_checkpoint_format_is_one_clear_error(toy, tmp_path):
+    import pretrain
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match=r"checkpoint_format must be one of full, sharded, got 'zip'"):
+        pretrain.main(argv('pretrain', toy, tmp_path) + ['checkpoint_format=zip'])
