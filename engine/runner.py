@@ -416,7 +416,7 @@ class Run:
                                    clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                    device=self.device, start_step=start_step, log_every=self.config.log_every,
                                    save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                                   step_updates=self.config.get('cuda_graph', False), start_totals=start_totals,
+                                   step_updates=self.cuda_graph, start_totals=start_totals,
                                    save_at_end=save_before_eval)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f'{e}; {self._checkpoints_on_disk()}') from None

@@ -355,3 +355,74 @@ def test_caption_losses_on_fixed_length_tokens_equal_forward():
     text = model.tokenize(caps, static=True)
     assert text.input_ids.shape == (3, 40)
     torch.testing.assert_close(model.losses(image, text.input_ids, text.attention_mask), model(image, caps))
+
+
+# ------------------------------------------------------------------- fine-tuning tasks: static = eager formulation
+
+def _losses_and_grads(model, seed: int, fn) -> tuple[list, dict]:
+    """``fn(model)``'s losses and the gradients of their sum, with the RNG at ``seed`` (dropout, negatives)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    losses = fn(model)
+    losses = list(losses) if isinstance(losses, (tuple, list)) else [losses]
+    sum(losses).backward()
+    return [v.detach() for v in losses], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_static_equals_eager(model, eager, static, reads_back_ok=()):
+    """The static formulation's losses and gradients equal the eager step's on the same weights and RNG draws,
+    and its forward + backward reads nothing back to the host (as while a graph is recorded)."""
+    twin = copy.deepcopy(model)
+    want, want_grads = _losses_and_grads(model, 3, eager)
+    with HostReads() as seen:
+        got, got_grads = _losses_and_grads(twin, 3, static)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 10
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert [op for op in seen.reads_back() if op not in reads_back_ok] == []
+    return got
+
+
+def test_retrieval_losses_on_tokens_equal_forward_and_read_nothing_back():
+    """BLIP_Retrieval.losses (the captured step's body: 35-token ids, tensor alpha, ITM negatives drawn on the
+    device) against forward on caption strings with a float alpha: same ITC/ITM losses and gradients, dropout on;
+    two captions of one image (idx) so the id-aware targets and negatives are exercised."""
+    from tests.test_models_retrieval import CAPTIONS as RCAPS, images as rimages, tiny as tiny_retrieval
+    model = tiny_retrieval(queue_size=12).train()
+    idx = torch.tensor([0, 1, 0, 2, 3, 4])
+    text = model.tokenize(RCAPS)
+    assert text.input_ids.shape == (6, 35)
+    got = _assert_static_equals_eager(
+        model, lambda m: m(rimages(6), RCAPS, alpha=0.3, idx=idx),
+        lambda m: m.losses(rimages(6), text.input_ids, text.attention_mask, torch.tensor(0.3), idx))
+    assert len(got) == 2 and all(torch.isfinite(v) for v in got)
+
+
+def _graphed_vs_eager(script: str, toy, tmp_path, monkeypatch, *options: str) -> tuple[dict, dict]:
+    """``script``'s epoch stats with ``cuda_graph: false`` and with the key empty where the auto rule says yes (as
+    on one GPU: ``Run._resolve_graphed_step`` answers True; here the two graph parts run eagerly on their static
+    buffers), both with accumulation and clipping."""
+    import importlib
+
+    from engine.runner import Run
+    from tests.test_scripts import argv
+    torch.set_num_threads(1)
+    main = importlib.import_module(script).main
+    opts = ['accum_steps=2', 'clip_grad=0.5', *options]
+    eager = main(argv(script, toy, tmp_path / 'eager') + opts + ['cuda_graph=False'])
+    chosen = []
+    monkeypatch.setattr(Run, '_resolve_graphed_step', lambda self, auto=True: chosen.append(auto) or True)
+    graphed = main(argv(script, toy, tmp_path / 'graphed') + opts)
+    assert chosen == [True]  # auto-on for this task, under the same blockers as pretraining
+    lrs = [torch.load(tmp_path / d / 'checkpoint_last.pth', weights_only=True)['optimizer']['param_groups'][0]['lr']
+           for d in ('eager', 'graphed')]
+    assert not isinstance(lrs[0], torch.Tensor) and isinstance(lrs[1], torch.Tensor)  # the graphed run's optimizer
+    return eager, graphed
+
+
+def test_retrieval_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monkeypatch):
+    eager, graphed = _graphed_vs_eager('train_retrieval', toy, tmp_path, monkeypatch)
+    for key in ('train_loss_ita', 'train_loss_itm', 'val_r_mean'):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
