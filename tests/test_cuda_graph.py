@@ -426,3 +426,41 @@ def test_retrieval_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, 
     eager, graphed = _graphed_vs_eager('train_retrieval', toy, tmp_path, monkeypatch)
     for key in ('train_loss_ita', 'train_loss_itm', 'val_r_mean'):
         assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+def test_nlvr_losses_on_fixed_length_tokens_equal_forward_and_read_nothing_back():
+    """BLIP_NLVR.losses on sentences padded to a fixed 24 tokens (the captured step's body) against forward, which
+    pads to the batch's longest: same loss and gradients (ViT stochastic depth on; MED dropout off, whose masks
+    would have another shape); a sentence longer than the fixed length is refused, never cut."""
+    from models.blip_nlvr import BLIP_NLVR
+    from tests.test_models_retrieval import MED_NO_DROPOUT
+    from tests.tiny import TINY_IMAGE, TINY_VIT
+    torch.manual_seed(0)
+    model = BLIP_NLVR(med_config=dict(MED_NO_DROPOUT), image_size=TINY_IMAGE, vit=dict(TINY_VIT)).train()
+    texts = ['the left image has two dogs', 'there is a bird', 'one image shows exactly three red cups on a table']
+    targets = torch.tensor([1, 0, 1])
+    image = images(6)
+    tokens = model.tokenize(texts, length=24)
+    assert tokens.input_ids.shape == (3, 24) and model.tokenize(texts).input_ids.shape[1] < 24
+    _assert_static_equals_eager(model, lambda m: m(image, texts, targets, train=True),
+                                lambda m: m.losses(image, tokens.input_ids, tokens.attention_mask, targets))
+    with pytest.raises(ValueError, match='fixed length 4'):
+        model.tokenize(texts, length=4)
+
+
+def test_static_text_length_is_the_longest_rounded_up_and_capped():
+    from engine.cuda_graph import static_text_length
+    from models.blip import init_tokenizer
+    tok = init_tokenizer()
+    texts = ['a dog', 'two dogs on a red sofa next to a window', 'sky']
+    longest = max(len(ids) for ids in tok(texts)['input_ids'])
+    assert static_text_length(tok, texts, 512) == -(-longest // 8) * 8 >= longest
+    assert static_text_length(tok, texts, 512, chunk=1) == static_text_length(tok, texts, 512)
+    assert static_text_length(tok, texts, longest) == longest
+
+
+def test_nlvr_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monkeypatch, capsys):
+    eager, graphed = _graphed_vs_eager('train_nlvr', toy, tmp_path, monkeypatch)
+    assert 'sentences padded to' in capsys.readouterr().out
+    for key in ('train_loss', 'val_acc'):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
