@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import models.losses
+import models.med
 from engine.cuda_graph import GraphedStep, guarded_update, training_step
 from engine.optim import create_optimizer, set_lr
 from models.losses import lm_loss_at_targets
@@ -464,3 +465,41 @@ def test_nlvr_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monke
     assert 'sentences padded to' in capsys.readouterr().out
     for key in ('train_loss', 'val_acc'):
         assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize('n', [[2, 2], [1, 3]])
+def test_vqa_losses_on_fixed_answer_rows_equal_forward_and_read_nothing_back(n, monkeypatch):
+    """BLIP_VQA.losses (35-token questions; 4 answer rows per question, 8 tokens each, filler rows weighted 0) against
+    forward(train=True) on the flattened answer lists (the eager step: row grouping for equal counts, repeated
+    keys/values for unequal ones): same loss and gradients, stochastic depth on; no host read while recorded (the
+    eager path reads the answer counts back); more answers or tokens than the fixed layout are refused."""
+    from models.blip_vqa import BLIP_VQA
+    from tests.test_models_retrieval import MED_NO_DROPOUT
+    from tests.test_models_vqa import QUESTIONS
+    from tests.tiny import TINY_IMAGE, TINY_VIT
+    torch.manual_seed(0)
+    model = BLIP_VQA(med_config=dict(MED_NO_DROPOUT), image_size=TINY_IMAGE, vit=dict(TINY_VIT)).train()
+    answers, weights = ['yes', 'red car', 'two', 'on the wall'], torch.tensor([1.0, 0.5, 0.3, 0.2])
+    image = images(2)
+    q = model.tokenize_questions(QUESTIONS, static=True)
+    ids, mask, w = model.static_answers(answers, n, weights, per_question=4, length=8)
+    assert q.input_ids.shape == (2, 35) and ids.shape == mask.shape == (8, 8) and w.shape == (8,)
+    assert float(w.sum()) == pytest.approx(float(weights.sum())) and int((w == 0).sum()) == 4
+    for module in (models.losses, models.med):  # the decoder's loss and cross-attention mask as while recording
+        monkeypatch.setattr(module, 'capturing', lambda: True)
+    _assert_static_equals_eager(
+        model, lambda m: m(image, QUESTIONS, answers, n=n, weights=weights, train=True),
+        lambda m: m.losses(image, q.input_ids, q.attention_mask, ids, mask, w))
+    with pytest.raises(ValueError, match='fixed 1 per question'):
+        model.static_answers(answers, n, weights, per_question=1, length=8)
+    with pytest.raises(ValueError, match='fixed length 3'):
+        model.static_answers(answers, n, weights, per_question=4, length=3)
+
+
+def test_vqa_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monkeypatch, capsys):
+    import json
+    eager, graphed = _graphed_vs_eager('train_vqa', toy, tmp_path, monkeypatch)
+    assert 'answers in' in capsys.readouterr().out
+    assert graphed['test_vqa_accuracy'] == pytest.approx(eager['test_vqa_accuracy'], rel=1e-4)
+    epochs = [json.loads((tmp_path / d / 'log.txt').read_text().splitlines()[0]) for d in ('eager', 'graphed')]
+    assert epochs[1]['train_loss'] == pytest.approx(epochs[0]['train_loss'], rel=1e-4)
