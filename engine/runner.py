@@ -332,6 +332,8 @@ class Run:
         """The ``cuda_graph`` key for the training step: as set, or (empty) on unless something rules it out."""
         value = self.config.get('cuda_graph', None)
         if value is not None:
+            if not value and self.is_main:
+                print('cuda_graph: false (set in the config): the training step runs eagerly')
             return value
         blockers = (([] if self.device.type == 'cuda' else ['no CUDA device']) +
                     (['amp fp16 (its loss scaler is not replayed)'] if self.precision == 'fp16' else []) +

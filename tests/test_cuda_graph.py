@@ -336,6 +336,7 @@ def test_empty_cuda_graph_turns_the_graphed_training_step_on_where_it_is_known_t
     assert not resolve(None, distributed=True) and 'cuda_graph: true enables it' in capsys.readouterr().out
     assert not resolve(None, ckpt=True) and 'vit_grad_ckpt' in capsys.readouterr().out
     assert resolve(True, device='cpu') and not resolve(False)
+    assert 'cuda_graph: false (set in the config): the training step runs eagerly' in capsys.readouterr().out
 
 
 def test_caption_decoding_graphs_are_on_with_a_gpu_unless_set():
