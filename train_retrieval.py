@@ -12,7 +12,10 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from engine.config import VisionConfig
+from engine.cuda_graph import graphed_step_fn
 from engine.evaluation import evaluation_retrieval, itm_eval
 from engine.runner import Run, cosine_epoch_lr
 from models.blip_retrieval import blip_retrieval
@@ -34,20 +37,43 @@ class RetrievalConfig(VisionConfig):
     momentum: float = 0.995   # EMA of the momentum encoders (the original's constructor default)
     k_test: int = 256
     negative_all_rank: bool = True
+    # not in the original: record the step (forward + backward, then clipping + AdamW) as CUDA graphs and replay
+    # them per batch (engine.cuda_graph.TrainStep); empty: on where the conditions hold (the first log lines say)
+    cuda_graph: Optional[bool] = None
     weight_decay: float = 0.05
     min_lr: float = 0.0
     max_epoch: int = 6
 
 
+def distillation_weight(config: RetrievalConfig, ctx) -> float:
+    """alpha ramps up over the first epoch (original train_retrieval.py)."""
+    return config.alpha * (min(1.0, ctx.step / ctx.steps_per_epoch) if ctx.epoch == 0 else 1.0)
+
+
 def make_step(config: RetrievalConfig):
     def retrieval_step(model, batch, ctx) -> dict:
         image, caption, idx = batch
-        # the distillation weight ramps up over the first epoch (original train_retrieval.py)
-        alpha = config.alpha * (min(1.0, ctx.step / ctx.steps_per_epoch) if ctx.epoch == 0 else 1.0)
-        loss_ita, loss_itm = model(image.to(ctx.device, non_blocking=True), caption, alpha=alpha,
-                                   idx=idx.to(ctx.device, non_blocking=True))
+        loss_ita, loss_itm = model(image.to(ctx.device, non_blocking=True), caption,
+                                   alpha=distillation_weight(config, ctx), idx=idx.to(ctx.device, non_blocking=True))
         return {'loss_ita': loss_ita, 'loss_itm': loss_itm}
     return retrieval_step
+
+
+def make_graphed_step(config: RetrievalConfig, model, optimizer, sync_grads: bool = False):
+    """``cuda_graph``: the step of ``make_step`` with its backward, clipping and update replayed as CUDA graphs
+    (``engine.cuda_graph.TrainStep``). Captions are tokenised here (35 tokens, as the model always pads), alpha goes
+    in as a 0-dim tensor; the ITM negatives are drawn on the device, so the losses are the eager step's."""
+    def losses(image, input_ids, attention_mask, alpha, idx):
+        return dict(zip(('loss_ita', 'loss_itm'), model.losses(image, input_ids, attention_mask, alpha, idx)))
+
+    def inputs_of(batch, ctx) -> dict:
+        image, caption, idx = batch
+        text = model.tokenize(caption, ctx.device)
+        return dict(image=image.to(ctx.device, non_blocking=True), input_ids=text.input_ids,
+                    attention_mask=text.attention_mask,
+                    alpha=torch.tensor(distillation_weight(config, ctx), device=ctx.device),
+                    idx=idx.to(ctx.device, dtype=torch.long, non_blocking=True))
+    return graphed_step_fn(losses, optimizer, config, sync_grads, inputs_of)
 
 
 def evaluate(run: Run, loader) -> dict:
@@ -68,9 +94,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         [config.batch_size_train, config.batch_size_test, config.batch_size_test], distributed_eval=False)
     model = blip_retrieval(pretrained=config.pretrained, queue_size=config.queue_size,
                            negative_all_rank=config.negative_all_rank, momentum=config.momentum, **config.model_kwargs())
-    run.setup_model(model)
+    run.setup_model(model, graphed_step=True)
     stats = {}
-    step = make_step(config)
+    step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, sync_grads=run.distributed)
+            if run.cuda_graph else make_step(config))
     for epoch in run.epochs():
         train_stats = {} if run.args.evaluate else run.train_epoch(
             epoch, train_loader, step, cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))

@@ -16,8 +16,10 @@ from typing import Optional
 
 import torch
 
-from data.vqa_dataset import vqa_collate_fn
+from data.vqa_dataset import answer_weights, vqa_collate_fn
+from engine import distributed as du
 from engine.config import VisionConfig
+from engine.cuda_graph import graphed_step_fn, static_text_length
 from engine.evaluation import save_result, vqa_accuracy
 from engine.precision import autocast
 from engine.runner import Run, cosine_epoch_lr, progress
@@ -40,6 +42,9 @@ class VQAConfig(VisionConfig):
     weight_decay: float = 0.05
     min_lr: float = 0.0
     max_epoch: int = 10
+    # not in the original: record the step (forward + backward, then clipping + AdamW) as CUDA graphs and replay
+    # them per batch (engine.cuda_graph.TrainStep); empty: on where the conditions hold (the first log lines say)
+    cuda_graph: Optional[bool] = None
 
 
 def vqa_step(model, batch, ctx) -> dict:
@@ -47,6 +52,39 @@ def vqa_step(model, batch, ctx) -> dict:
     loss = model(image.to(ctx.device, non_blocking=True), question, answer, train=True, n=n,
                  weights=weights.to(ctx.device, non_blocking=True))
     return {'loss': loss}
+
+
+def answer_layout(model, train_set) -> tuple[int, int]:
+    """(answers per question, tokens per answer) of the captured step's fixed answer rows: the most distinct answers
+    any training question has, and the longest training answer (rounded up to 8), so that no batch is cut."""
+    per_question, answers = 1, set()
+    for ann in train_set.annotation:
+        given = answer_weights(ann['answer'])[0] if ann['dataset'] == 'vqa' else [ann['answer']]
+        per_question = max(per_question, len(given))
+        answers.update(given)
+    length = static_text_length(model.tokenizer, sorted(answers), model.text_decoder.config.max_position_embeddings)
+    return per_question, length
+
+
+def make_graphed_step(config: VQAConfig, model, optimizer, train_set, sync_grads: bool = False):
+    """``cuda_graph``: ``vqa_step`` with its backward, clipping and update replayed as CUDA graphs
+    (``engine.cuda_graph.TrainStep``). Fixed shapes: questions padded to 35 tokens; each question's answers in the
+    same number of rows (``BLIP_VQA.static_answers``: empty rows weigh 0), so no answer count is read in the step.
+    The loss is ``vqa_step``'s; the decoder runs over the filler rows too."""
+    per_question, length = answer_layout(model, train_set)
+    if du.is_main_process():
+        print(f'cuda_graph: answers in {per_question} rows of {length} tokens per question (the most and longest of '
+              f'the training set)')
+
+    def inputs_of(batch, ctx) -> dict:
+        image, question, answer, weights, n = batch
+        q = model.tokenize_questions(question, ctx.device, static=True)
+        ids, mask, w = model.static_answers(answer, n, weights, per_question, length)
+        return dict(image=image.to(ctx.device, non_blocking=True), question_ids=q.input_ids,
+                    question_mask=q.attention_mask, answer_ids=ids.to(ctx.device, non_blocking=True),
+                    answer_mask=mask.to(ctx.device, non_blocking=True), weights=w.to(ctx.device, non_blocking=True))
+    return graphed_step_fn(lambda **inputs: {'loss': model.losses(**inputs)}, optimizer, config, sync_grads,
+                           inputs_of)
 
 
 @torch.no_grad()
@@ -81,12 +119,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                             [config.batch_size_train, config.batch_size_test],
                                             collate_fns=[vqa_collate_fn, None])
     model = blip_vqa(pretrained=config.pretrained, **config.model_kwargs())
-    run.setup_model(model)
+    run.setup_model(model, graphed_step=True)
+    step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, train_set, sync_grads=run.distributed)
+            if run.cuda_graph and not run.args.evaluate else vqa_step)
     stats = {}
     for epoch in run.epochs():
         if run.args.evaluate:
             break
-        train_stats = run.train_epoch(epoch, train_loader, vqa_step,
+        train_stats = run.train_epoch(epoch, train_loader, step,
                                       cosine_epoch_lr(epoch, config.max_epoch, config.init_lr, config.min_lr))
         run.save(f'checkpoint_{epoch:02d}.pth', epoch)
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}

@@ -12,9 +12,14 @@
 #     within the seed-to-seed range of eager runs (widened by 1%)
 #  4. pretrain.py with cuda_graph, accum_steps and clip_grad under a 1-process torchrun (the multi-process path)
 #  5. with dropout off (toy MED config): graph vs eager epoch losses of pretrain.py and train_caption.py (toy)
+#  6. the fine-tuning tasks (train_retrieval.py, train_nlvr.py, train_vqa.py) on a small toy set: eager against the
+#     empty cuda_graph key (auto), first-step and epoch-mean losses, seconds per step (INFO)
+# PARTS="1 2 3 4 5 6" (default: all) runs only the parts named, e.g. PARTS=6 for the fine-tuning tasks alone (six toy
+# runs: about 4 minutes on the shared 2-core CPU at SIZE=tiny; not yet timed on a GPU).
 set -u
 OUT=${OUT:-/tmp/gpu_check}; DEV=${DEV:-cuda}; SIZE=${SIZE:-base}; PY=${PY:-python3}; BUDGET=${BUDGET:-420}
 RUNS=${RUNS:-$OUT/runs}  # pretrain.py output folders (base-size checkpoints: put them outside $OUT on a device)
+PARTS=" ${PARTS:-1 2 3 4 5 6} "; part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT" "$RUNS"; OUT=$(cd "$OUT" && pwd); RUNS=$(cd "$RUNS" && pwd); J="$OUT/results.jsonl"; LOG="$OUT/log.txt"; V="$OUT/verdicts.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1  # no progress bars in the log
 cd "$(dirname "$0")/.."
@@ -34,7 +39,7 @@ step() {  # step NAME LIMIT CMD...: runs CMD within the budget, logs it, records
   $PY -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)"; } | tee -a "$LOG"
 
 # 1. fresh dropout masks per replay (ONLY_PRETRAIN=1 skips 1 and 2)
-if [ -n "${ONLY_PRETRAIN:-}" ]; then :
+if [ -n "${ONLY_PRETRAIN:-}" ] || ! part 1; then :
 elif [ "$DEV" = cuda ]; then
   step dropout_masks 150 $PY benchmarks/graph_dropout_check.py --unguarded --json "$J" --sizes tiny,$SIZE
 else
@@ -42,7 +47,7 @@ else
 fi
 
 # 2. the GPU tests (skipped without CUDA)
-[ -z "${ONLY_PRETRAIN:-}" ] && step gpu_tests 120 $PY -m pytest -q -n 0 -m gpu tests/test_cuda_graph.py
+[ -z "${ONLY_PRETRAIN:-}" ] && part 2 && step gpu_tests 120 $PY -m pytest -q -n 0 -m gpu tests/test_cuda_graph.py
 
 # 3. pretrain.py with dropout, one epoch of the toy pairs. Runs (PRETRAIN_RUNS, KIND:SEED): eager = the default
 #    path, graph = cuda_graph: true. A graph run draws other random numbers than the eager run of its seed (other
@@ -53,6 +58,7 @@ if [ "$SIZE" = base ]; then
 else
   SIZE_OPTS="batch_size=16 queue_size=64 train_file=[output/toy_data/annotation/pretrain_noisy.json]"
 fi
+part 3 || PRETRAIN_RUNS=" "  # no runs
 for run in ${PRETRAIN_RUNS:-eager:0 graph:0 eager:1 eager:2}; do
   kind=${run%%:*}; seed=${run##*:}; graph=false
   [ "$kind" = graph ] && graph=true
@@ -60,7 +66,7 @@ for run in ${PRETRAIN_RUNS:-eager:0 graph:0 eager:1 eager:2}; do
   step "pretrain_${kind}_$seed" 200 $PY pretrain.py --config configs/toy/pretrain.yaml --output_dir "$RUNS/pretrain_${kind}_$seed" \
     --device $DEV --seed $seed --options $SIZE_OPTS max_epoch=1 cuda_graph=$graph
 done
-step pretrain_epoch_means 30 $PY - "$RUNS" "$J" <<'EOF'
+part 3 && step pretrain_epoch_means 30 $PY - "$RUNS" "$J" <<'EOF'
 import glob, json, os, sys
 runs, results = sys.argv[1], sys.argv[2]
 means = {}
@@ -93,6 +99,7 @@ EOF
 
 # 4. the graphed step under torchrun (NCCL on a GPU, world size 1): the path that averages the flat gradient buffer
 #    between the two recorded parts, with accumulation and clipping; toy size, one epoch; PASS = finite losses
+if part 4; then
 rm -rf "$RUNS/torchrun_graph"
 step torchrun_graph 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py \
   --config configs/toy/pretrain.yaml --output_dir "$RUNS/torchrun_graph" --options max_epoch=1 cuda_graph=true \
@@ -102,9 +109,11 @@ import json, math, sys
 m = json.loads(open('$RUNS/torchrun_graph/log.txt').read().splitlines()[-1])
 ok = all(math.isfinite(m[k]) for k in ('train_loss_ita', 'train_loss_itm', 'train_loss_lm'))
 print(('PASS' if ok else 'FAIL'), 'torchrun_graphed_pretraining_world_size_1', json.dumps(m)); sys.exit(0 if ok else 1)"
+fi
 
 # 5. graph vs eager with dropout off (toy MED config), per task with a captured step: pretraining and captioning,
 #    one toy epoch each; epoch-mean losses within 2% (bf16 kernels differ between the two paths)
+if part 5; then
 NODROP_PRETRAIN=""; [ "$SIZE" = tiny ] && NODROP_PRETRAIN="train_file=[output/toy_data/annotation/pretrain_noisy.json]"
 for task in pretrain:configs/toy/pretrain.yaml train_caption:configs/toy/caption.yaml; do
   script=${task%%:*}; cfg=${task##*:}; extra=""; [ "$script" = pretrain ] && extra=$NODROP_PRETRAIN
@@ -128,6 +137,69 @@ for script in ('pretrain', 'train_caption'):
               f"{json.dumps({'eager': a[k], 'graph': b[k], 'relative': round(rel, 5)})}")
 sys.exit(0 if ok_all else 1)
 EOF
+fi
+
+# 6. the fine-tuning tasks' captured steps on a small toy set of their own, one epoch each, toy MED config (dropout
+#    off): cuda_graph false (eager) against the empty key (auto: graphs on one GPU; checked through the optimizer's
+#    tensor LR in the checkpoint; on the CPU cuda_graph true, the same step eagerly on its static buffers). The first 3 steps of a graph run are eager warm-up calls that draw the eager
+#    run's random numbers, so its first step's losses must equal the eager run's (within 2%: bf16, text padded to
+#    fixed lengths); later steps draw other numbers (ITM negatives, ViT stochastic depth in NLVR/VQA), so the epoch
+#    means get 5%. Seconds per step of both runs after the warm-up: INFO.
+if part 6; then
+FT="$RUNS/toy_finetune"
+if [ "$SIZE" = tiny ]; then FT_N=24; FT_OPTS="image_size=32 num_workers=0"; FT_B=8; else FT_N=320; FT_OPTS="num_workers=4"; FT_B=32; fi
+step finetune_toy_data 120 $PY -c "from data.toy import ensure_toy_dataset; ensure_toy_dataset('$FT', n_train=$FT_N, n_val=16, n_test=16, n_web=8, n_videos=2, video_frames=2)"
+for task in train_retrieval:retrieval train_nlvr:nlvr train_vqa:vqa; do
+  script=${task%%:*}; cfg=${task##*:}
+  case $script in
+    train_retrieval) opts="image_root=$FT/images batch_size_train=$FT_B batch_size_test=16 queue_size=$((FT_B * 8)) k_test=8" ;;
+    train_nlvr) opts="image_root=$FT/images batch_size_train=$((FT_B / 2)) batch_size_test=16" ;;
+    train_vqa) opts="vqa_root=$FT/images batch_size_train=$FT_B batch_size_test=16 k_test=8" ;;
+  esac
+  for g in false graph; do
+    rm -rf "$RUNS/ft_${script}_$g"
+    # the graph run: the empty key (auto) on a GPU; on the CPU auto means eager, so true (the static-buffer path)
+    graph_opt="cuda_graph=$g"; [ "$g" = graph ] && { [ "$DEV" = cuda ] && graph_opt="" || graph_opt="cuda_graph=true"; }
+    step "ft_${script}_$g" 150 $PY $script.py --config configs/toy/$cfg.yaml --output_dir "$RUNS/ft_${script}_$g" \
+      --device $DEV --options toy_root=$FT ann_root=$FT/annotation $opts $FT_OPTS max_epoch=1 log_every=1 $graph_opt
+  done
+done
+step finetune_compare 30 $PY - "$RUNS" "$J" "$DEV" <<'EOF'
+import json, sys
+import torch
+runs, results, dev = sys.argv[1:4]
+rows, ok_all = [], True
+for script in ('train_retrieval', 'train_nlvr', 'train_vqa'):
+    try:
+        steps = {g: [json.loads(line) for line in open(f'{runs}/ft_{script}_{g}/train_log.jsonl')] for g in ('false', 'graph')}
+        lr = torch.load(f'{runs}/ft_{script}_graph/checkpoint_last.pth', weights_only=True,
+                        map_location='cpu')['optimizer']['param_groups'][0]['lr']
+    except (OSError, RuntimeError) as e:
+        print(f'FAIL finetune_graph_vs_eager[{script}] no run to compare: {e}')
+        ok_all = False
+        continue
+    graphed = isinstance(lr, torch.Tensor)  # a captured step keeps its LR on the device
+    ok = graphed
+    ok_all &= ok
+    print(f"{'PASS' if ok else 'FAIL'} finetune_auto_path[{script}] {json.dumps({'graphed': graphed, 'device': dev})}")
+    eager, graph = steps['false'], steps['graph']
+    for k in (k for k in eager[0] if k.startswith('loss')):
+        mean = lambda rs: sum(r[k] for r in rs) / len(rs)
+        for what, rel, tol in (('first_step', abs(graph[0][k] - eager[0][k]) / abs(eager[0][k]), 0.02),
+                               ('epoch_mean', abs(mean(graph) - mean(eager)) / abs(mean(eager)), 0.05)):
+            ok = rel < tol and len(graph) == len(eager)
+            ok_all &= ok
+            name = f'finetune_graph_vs_eager[{script},{k},{what}]'
+            print(f"{'PASS' if ok else 'FAIL'} {name} {json.dumps({'relative': round(rel, 5), 'tolerance': tol, 'steps': len(graph)})}")
+            rows.append({'check': name, 'pass': ok, 'relative': rel, 'tolerance': tol})
+    speed = {g: sum(r['sec_per_step'] for r in s[4:]) / max(1, len(s[4:])) for g, s in steps.items()}
+    print(f"INFO finetune_sec_per_step[{script}] {json.dumps({'eager': speed['false'], 'graph': speed['graph'], 'steps': len(eager)})}")
+    rows.append({'check': f'finetune_sec_per_step[{script}]', 'eager': speed['false'], 'graph': speed['graph']})
+with open(results, 'a') as f:
+    f.writelines(json.dumps({'workload': 'gpu_check', 'device': dev, **r}) + '\n' for r in rows)
+sys.exit(0 if ok_all else 1)
+EOF
+fi
 
 # FSDP memory (issue 24), self-contained: per-GPU memory of the ViT-L pretraining step (B=64 @224, queue 57600) and
 # of ViT-L caption training (B=32 @384) under DDP and under FSDP as rank 0 of 8 and of 32 ranks (a fake process

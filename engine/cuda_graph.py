@@ -22,12 +22,12 @@ static buffers and gradient protocol: the CPU tests use this.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 __all__ = ['GraphedStep', 'TrainStep', 'accumulation_window', 'decoding_note', 'graphed_step_fn', 'guarded_update',
-           'training_step']
+           'static_text_length', 'training_step']
 
 
 def guarded_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None
@@ -162,6 +162,19 @@ def graphed_step_fn(losses: Callable[..., dict], optimizer: torch.optim.Optimize
         return step(update, window, **inputs_of(batch, ctx))
     step_fn.train_step = step
     return step_fn
+
+
+def static_text_length(tokenizer, texts: Sequence[str], limit: int, multiple: int = 8, chunk: int = 4096) -> int:
+    """The fixed token length for a captured step whose eager original pads text to the batch's longest: the
+    longest of ``texts`` (every text the training set can give) rounded up to ``multiple``, at most ``limit``
+    (the text encoder's positions). Padding to it masks the same positions, so the loss is the eager one, and no
+    text is ever cut. One tokenizer pass over the set (about 6 s for NLVR2's 86k sentences on one core)."""
+    longest = 1
+    texts = list(texts)
+    for start in range(0, len(texts), chunk):
+        ids = tokenizer(texts[start:start + chunk], padding=False, truncation=False)['input_ids']
+        longest = max([longest, *map(len, ids)])
+    return min(-(-longest // multiple) * multiple, max(limit, longest))
 
 
 def decoding_note(value: Optional[bool], device: torch.device) -> str:

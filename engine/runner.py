@@ -347,6 +347,8 @@ class Run:
         """The ``cuda_graph`` key for the training step: as set, or (empty) on unless something rules it out."""
         value = self.config.get('cuda_graph', None)
         if value is not None:
+            if not value and self.is_main:
+                print('cuda_graph: false (set in the config): the training step runs eagerly')
             return value
         blockers = (([] if self.device.type == 'cuda' else ['no CUDA device']) +
                     (['amp fp16 (its loss scaler is not replayed)'] if self.precision == 'fp16' else []) +
@@ -432,7 +434,7 @@ class Run:
                                    clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
                                    device=self.device, start_step=start_step, log_every=self.config.log_every,
                                    save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                                   step_updates=self.config.get('cuda_graph', False), start_totals=start_totals,
+                                   step_updates=self.cuda_graph, start_totals=start_totals,
                                    save_at_end=save_before_eval)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f'{e}; {self._checkpoints_on_disk()}') from None

@@ -8,13 +8,14 @@ with a learned ``merge_layer`` (second half). ``cls_head`` classifies the ``[ENC
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.blip import init_tokenizer, load_med_config
+from models.blip_pretrain import TextBatch
 from models.layout import load_pretrained
 from models.med import MED
 from models.vit import create_vit
@@ -73,17 +74,39 @@ class BLIP_NLVR(nn.Module):
             text: B sentences.
             targets: [B] labels (unused when ``train=False``).
         """
+        tokens = self.tokenize(text, image.device)
+        logits = self.logits(image, tokens.input_ids, tokens.attention_mask)
+        return F.cross_entropy(logits, targets) if train else logits
+
+    def tokenize(self, text: Union[str, Sequence[str]], device=None, length: Optional[int] = None):
+        """The sentences' ids and mask, padded to the longest (as the original) or to ``length`` tokens: the fixed
+        shape a replayed CUDA graph needs (same logits: padding is masked). A longer sentence is an error, never
+        cut, so that the loss stays the original's."""
+        tokens = self.tokenizer(text, padding='longest', return_tensors='pt')
+        ids, mask = tokens.input_ids, tokens.attention_mask
+        if length is not None:
+            if ids.shape[1] > length:
+                raise ValueError(f'a sentence has {ids.shape[1]} tokens, more than the fixed length {length}')
+            ids = F.pad(ids, (0, length - ids.shape[1]), value=self.tokenizer.pad_token_id)
+            mask = F.pad(mask, (0, length - mask.shape[1]), value=0)
+        return TextBatch(ids.to(device), mask.to(device))
+
+    def logits(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 2] from ``cat([image0, image1])`` and tokenised sentences (``tokenize``); no host read."""
         if image.shape[0] % 2:
             raise ValueError(f'image must hold two images per example (cat([image0, image1])), got {image.shape[0]}')
         image0_embeds, image1_embeds = self.visual_encoder(image).chunk(2)              # each [B, N, Dv]
-        tokens = self.tokenizer(text, padding='longest', return_tensors='pt').to(image.device)
-        ids = tokens.input_ids.clone()
+        ids = input_ids.clone()
         ids[:, 0] = self.tokenizer.enc_token_id
-        out = self.text_encoder(ids, attention_mask=tokens.attention_mask, mode='multimodal',
+        out = self.text_encoder(ids, attention_mask=attention_mask, mode='multimodal',
                                 encoder_hidden_states=[image0_embeds, image1_embeds],
                                 encoder_attention_mask=[None, None])                    # image masks: all ones
-        logits = self.cls_head(out.last_hidden_state[:, 0])                             # [B, 2]
-        return F.cross_entropy(logits, targets) if train else logits
+        return self.cls_head(out.last_hidden_state[:, 0])                               # [B, 2]
+
+    def losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+        """The training loss on tokenised sentences (``tokenize`` with a fixed ``length``: a CUDA graph's body)."""
+        return F.cross_entropy(self.logits(image, input_ids, attention_mask), targets)
 
     def remap_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> dict:
         """Called by ``load_checkpoint``: the twin expansion of a pretrain/retrieval checkpoint."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from models.blip import init_tokenizer, load_med_config
+from models.blip_pretrain import TextBatch
 from models.layout import QUEUE_KEYS, load_pretrained, momentum_keys
 from models.losses import itm_loss, itm_negative_weights, sample_negatives
 from models.med import MED, select_cross_kv
@@ -97,16 +98,27 @@ class BLIP_Retrieval(nn.Module):
         Returns:
             (loss_ita, loss_itm), fp32 scalars.
         """
+        text = self.tokenize(caption, image.device)
+        return self.losses(image, text.input_ids, text.attention_mask, alpha, idx)
+
+    def tokenize(self, caption: Union[str, Sequence[str]], device=None) -> TextBatch:
+        """The captions as the text encoder reads them: padded to the original's 35 tokens (a fixed shape)."""
+        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=35, return_tensors='pt')
+        return TextBatch(text.input_ids.to(device), text.attention_mask.to(device))
+
+    def losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               alpha: Union[float, torch.Tensor], idx: torch.Tensor):
+        """``forward`` on tokenised captions (``tokenize``). Nothing is read back to the host and every shape is
+        fixed by the inputs, so the step can be recorded as a CUDA graph with ``alpha`` a 0-dim tensor."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         idx = idx.to(image.device).view(-1)
         image_embeds = self.visual_encoder(image)                                          # [B, N, Dv]
-        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=35,
-                              return_tensors='pt').to(image.device)
+        text = TextBatch(input_ids, attention_mask)
         loss_ita, image_feat, text_feat, _, _ = momentum_itc(self, image_embeds, image, text, alpha, idx)
-        ids = text.input_ids.clone()
+        ids = input_ids.clone()
         ids[:, 0] = self.tokenizer.enc_token_id
-        loss_itm = self._itm(image_embeds, ids, text.attention_mask, image_feat, text_feat, idx)
+        loss_itm = self._itm(image_embeds, ids, attention_mask, image_feat, text_feat, idx)
         return loss_ita, loss_itm
 
     def _itm(self, image_embeds, ids, mask, image_feat, text_feat, idx):

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from models import generation
 from models.blip import init_tokenizer, load_med_config
+from models.blip_pretrain import TextBatch
 from models.layout import load_pretrained
 from models.med import MED, MEDLMHeadModel
 from models.vit import create_vit
@@ -76,14 +77,23 @@ class BLIP_VQA(nn.Module):
 
     def encode_question(self, image: torch.Tensor, question: Union[str, Sequence[str]]):
         """Question states [B, Lq, H] grounded on the image, and the question padding mask [B, Lq]."""
+        q = self.tokenize_questions(question, image.device)
+        return self.encode_tokens(image, q.input_ids, q.attention_mask), q.attention_mask
+
+    def tokenize_questions(self, question: Union[str, Sequence[str]], device=None, static: bool = False) -> TextBatch:
+        """Questions as the encoder reads them (at most 35 tokens); ``static``: padded to 35, the fixed shape a
+        replayed CUDA graph needs (the same states where the mask is 1)."""
+        q = self.tokenizer(question, padding='max_length' if static else 'longest', truncation=True, max_length=35,
+                           return_tensors='pt')
+        return TextBatch(q.input_ids.to(device), q.attention_mask.to(device))
+
+    def encode_tokens(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``encode_question``'s states from tokenised questions (``tokenize_questions``)."""
         image_embeds = self.visual_encoder(image)                                  # [B, N, Dv]
-        q = self.tokenizer(question, padding='longest', truncation=True, max_length=35,
-                           return_tensors='pt').to(image.device)
-        ids = q.input_ids.clone()
+        ids = input_ids.clone()
         ids[:, 0] = self.tokenizer.enc_token_id
-        states = self.text_encoder(ids, attention_mask=q.attention_mask, encoder_hidden_states=image_embeds,
-                                   mode='multimodal').last_hidden_state
-        return states, q.attention_mask
+        return self.text_encoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                 mode='multimodal').last_hidden_state
 
     def tokenize_answers(self, answer, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer ids [A, La] with ``[DEC]`` first and their mask, from strings or a tokenizer output."""
@@ -154,6 +164,46 @@ class BLIP_VQA(nn.Module):
             q_mask = q_mask.repeat_interleave(n, 0)
         out = self.text_decoder(ids, attention_mask=atts, encoder_attention_mask=q_mask, cross_kv=cross_kv,
                                 labels=targets, reduction='none', loss_only=True)
+        return (weights.to(out.loss.dtype) * out.loss).sum() / states.shape[0]
+
+    def static_answers(self, answer: Sequence[str], n: Sequence[int], weights: torch.Tensor, per_question: int,
+                       length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's answers in the fixed layout of ``losses`` (on the host, before the step): ``per_question`` rows
+        per question, each ``length`` tokens, ``[DEC]`` first; the rows a question does not fill hold an empty
+        answer with weight 0. Returns ids [B * per_question, length], their mask and weights [B * per_question].
+
+        A question with more answers or an answer with more tokens is an error, never cut: the loss stays
+        ``answer_loss``'s."""
+        n = [int(c) for c in n]
+        if max(n) > per_question:
+            raise ValueError(f'a question has {max(n)} answers, more than the fixed {per_question} per question')
+        a = self.tokenizer(list(answer), padding='longest', return_tensors='pt')
+        if a.input_ids.shape[1] > length:
+            raise ValueError(f'an answer has {a.input_ids.shape[1]} tokens, more than the fixed length {length}')
+        rows = torch.tensor([q * per_question + j for q, count in enumerate(n) for j in range(count)], dtype=torch.long)
+        total = len(n) * per_question
+        ids = torch.full((total, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(total, length, dtype=a.attention_mask.dtype)
+        ids[:, 1], mask[:, :2] = self.tokenizer.sep_token_id, 1        # the filler rows: '[DEC] [SEP]'
+        ids[rows], mask[rows] = 0, 0
+        ids[rows, :a.input_ids.shape[1]] = a.input_ids
+        mask[rows, :a.input_ids.shape[1]] = a.attention_mask
+        ids[:, 0] = self.tokenizer.bos_token_id
+        w = torch.zeros(total, dtype=torch.float)
+        w[rows] = torch.as_tensor(weights, dtype=torch.float)
+        return ids, mask, w
+
+    def losses(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+               answer_ids: torch.Tensor, answer_mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``forward(train=True)`` on fixed shapes (the body of a replayed CUDA graph):
+        questions from ``tokenize_questions(static=True)``, answers from ``static_answers`` (the same number of
+        rows for every question, so the answers of a question share its cross-attention keys/values by row
+        grouping; filler rows have weight 0). No host read; the same value as ``answer_loss``."""
+        states = self.encode_tokens(image, question_ids, question_mask)
+        targets = answer_ids.masked_fill(answer_ids == self.tokenizer.pad_token_id, -100)
+        cross_kv = self.text_decoder.bert.precompute_cross_kv(states)
+        out = self.text_decoder(answer_ids, attention_mask=answer_mask, encoder_attention_mask=question_mask,
+                                cross_kv=cross_kv, labels=targets, reduction='none', loss_only=True)
         return (weights.to(out.loss.dtype) * out.loss).sum() / states.shape[0]
 
     @torch.no_grad()

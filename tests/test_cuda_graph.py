@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import models.losses
+import models.med
 from engine.cuda_graph import GraphedStep, guarded_update, training_step
 from engine.optim import create_optimizer, set_lr
 from models.losses import lm_loss_at_targets
@@ -335,6 +336,7 @@ def test_empty_cuda_graph_turns_the_graphed_training_step_on_where_it_is_known_t
     assert not resolve(None, distributed=True) and 'cuda_graph: true enables it' in capsys.readouterr().out
     assert not resolve(None, ckpt=True) and 'vit_grad_ckpt' in capsys.readouterr().out
     assert resolve(True, device='cpu') and not resolve(False)
+    assert 'cuda_graph: false (set in the config): the training step runs eagerly' in capsys.readouterr().out
 
 
 def test_caption_decoding_graphs_are_on_with_a_gpu_unless_set():
@@ -355,3 +357,150 @@ def test_caption_losses_on_fixed_length_tokens_equal_forward():
     text = model.tokenize(caps, static=True)
     assert text.input_ids.shape == (3, 40)
     torch.testing.assert_close(model.losses(image, text.input_ids, text.attention_mask), model(image, caps))
+
+
+# ------------------------------------------------------------------- fine-tuning tasks: static = eager formulation
+
+def _losses_and_grads(model, seed: int, fn) -> tuple[list, dict]:
+    """``fn(model)``'s losses and the gradients of their sum, with the RNG at ``seed`` (dropout, negatives)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    losses = fn(model)
+    losses = list(losses) if isinstance(losses, (tuple, list)) else [losses]
+    sum(losses).backward()
+    return [v.detach() for v in losses], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_static_equals_eager(model, eager, static, reads_back_ok=()):
+    """The static formulation's losses and gradients equal the eager step's on the same weights and RNG draws,
+    and its forward + backward reads nothing back to the host (as while a graph is recorded)."""
+    twin = copy.deepcopy(model)
+    want, want_grads = _losses_and_grads(model, 3, eager)
+    with HostReads() as seen:
+        got, got_grads = _losses_and_grads(twin, 3, static)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 10
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert [op for op in seen.reads_back() if op not in reads_back_ok] == []
+    return got
+
+
+def test_retrieval_losses_on_tokens_equal_forward_and_read_nothing_back():
+    """BLIP_Retrieval.losses (the captured step's body: 35-token ids, tensor alpha, ITM negatives drawn on the
+    device) against forward on caption strings with a float alpha: same ITC/ITM losses and gradients, dropout on;
+    two captions of one image (idx) so the id-aware targets and negatives are exercised."""
+    from tests.test_models_retrieval import CAPTIONS as RCAPS, images as rimages, tiny as tiny_retrieval
+    model = tiny_retrieval(queue_size=12).train()
+    idx = torch.tensor([0, 1, 0, 2, 3, 4])
+    text = model.tokenize(RCAPS)
+    assert text.input_ids.shape == (6, 35)
+    got = _assert_static_equals_eager(
+        model, lambda m: m(rimages(6), RCAPS, alpha=0.3, idx=idx),
+        lambda m: m.losses(rimages(6), text.input_ids, text.attention_mask, torch.tensor(0.3), idx))
+    assert len(got) == 2 and all(torch.isfinite(v) for v in got)
+
+
+def _graphed_vs_eager(script: str, toy, tmp_path, monkeypatch, *options: str) -> tuple[dict, dict]:
+    """``script``'s epoch stats with ``cuda_graph: false`` and with the key empty where the auto rule says yes (as
+    on one GPU: ``Run._resolve_graphed_step`` answers True; here the two graph parts run eagerly on their static
+    buffers), both with accumulation and clipping."""
+    import importlib
+
+    from engine.runner import Run
+    from tests.test_scripts import argv
+    torch.set_num_threads(1)
+    main = importlib.import_module(script).main
+    opts = ['accum_steps=2', 'clip_grad=0.5', *options]
+    eager = main(argv(script, toy, tmp_path / 'eager') + opts + ['cuda_graph=False'])
+    chosen = []
+    monkeypatch.setattr(Run, '_resolve_graphed_step', lambda self, auto=True: chosen.append(auto) or True)
+    graphed = main(argv(script, toy, tmp_path / 'graphed') + opts)
+    assert chosen == [True]  # auto-on for this task, under the same blockers as pretraining
+    lrs = [torch.load(tmp_path / d / 'checkpoint_last.pth', weights_only=True)['optimizer']['param_groups'][0]['lr']
+           for d in ('eager', 'graphed')]
+    assert not isinstance(lrs[0], torch.Tensor) and isinstance(lrs[1], torch.Tensor)  # the graphed run's optimizer
+    return eager, graphed
+
+
+def test_retrieval_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monkeypatch):
+    eager, graphed = _graphed_vs_eager('train_retrieval', toy, tmp_path, monkeypatch)
+    for key in ('train_loss_ita', 'train_loss_itm', 'val_r_mean'):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+def test_nlvr_losses_on_fixed_length_tokens_equal_forward_and_read_nothing_back():
+    """BLIP_NLVR.losses on sentences padded to a fixed 24 tokens (the captured step's body) against forward, which
+    pads to the batch's longest: same loss and gradients (ViT stochastic depth on; MED dropout off, whose masks
+    would have another shape); a sentence longer than the fixed length is refused, never cut."""
+    from models.blip_nlvr import BLIP_NLVR
+    from tests.test_models_retrieval import MED_NO_DROPOUT
+    from tests.tiny import TINY_IMAGE, TINY_VIT
+    torch.manual_seed(0)
+    model = BLIP_NLVR(med_config=dict(MED_NO_DROPOUT), image_size=TINY_IMAGE, vit=dict(TINY_VIT)).train()
+    texts = ['the left image has two dogs', 'there is a bird', 'one image shows exactly three red cups on a table']
+    targets = torch.tensor([1, 0, 1])
+    image = images(6)
+    tokens = model.tokenize(texts, length=24)
+    assert tokens.input_ids.shape == (3, 24) and model.tokenize(texts).input_ids.shape[1] < 24
+    _assert_static_equals_eager(model, lambda m: m(image, texts, targets, train=True),
+                                lambda m: m.losses(image, tokens.input_ids, tokens.attention_mask, targets))
+    with pytest.raises(ValueError, match='fixed length 4'):
+        model.tokenize(texts, length=4)
+
+
+def test_static_text_length_is_the_longest_rounded_up_and_capped():
+    from engine.cuda_graph import static_text_length
+    from models.blip import init_tokenizer
+    tok = init_tokenizer()
+    texts = ['a dog', 'two dogs on a red sofa next to a window', 'sky']
+    longest = max(len(ids) for ids in tok(texts)['input_ids'])
+    assert static_text_length(tok, texts, 512) == -(-longest // 8) * 8 >= longest
+    assert static_text_length(tok, texts, 512, chunk=1) == static_text_length(tok, texts, 512)
+    assert static_text_length(tok, texts, longest) == longest
+
+
+def test_nlvr_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monkeypatch, capsys):
+    eager, graphed = _graphed_vs_eager('train_nlvr', toy, tmp_path, monkeypatch)
+    assert 'sentences padded to' in capsys.readouterr().out
+    for key in ('train_loss', 'val_acc'):
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize('n', [[2, 2], [1, 3]])
+def test_vqa_losses_on_fixed_answer_rows_equal_forward_and_read_nothing_back(n, monkeypatch):
+    """BLIP_VQA.losses (35-token questions; 4 answer rows per question, 8 tokens each, filler rows weighted 0) against
+    forward(train=True) on the flattened answer lists (the eager step: row grouping for equal counts, repeated
+    keys/values for unequal ones): same loss and gradients, stochastic depth on; no host read while recorded (the
+    eager path reads the answer counts back); more answers or tokens than the fixed layout are refused."""
+    from models.blip_vqa import BLIP_VQA
+    from tests.test_models_retrieval import MED_NO_DROPOUT
+    from tests.test_models_vqa import QUESTIONS
+    from tests.tiny import TINY_IMAGE, TINY_VIT
+    torch.manual_seed(0)
+    model = BLIP_VQA(med_config=dict(MED_NO_DROPOUT), image_size=TINY_IMAGE, vit=dict(TINY_VIT)).train()
+    answers, weights = ['yes', 'red car', 'two', 'on the wall'], torch.tensor([1.0, 0.5, 0.3, 0.2])
+    image = images(2)
+    q = model.tokenize_questions(QUESTIONS, static=True)
+    ids, mask, w = model.static_answers(answers, n, weights, per_question=4, length=8)
+    assert q.input_ids.shape == (2, 35) and ids.shape == mask.shape == (8, 8) and w.shape == (8,)
+    assert float(w.sum()) == pytest.approx(float(weights.sum())) and int((w == 0).sum()) == 4
+    for module in (models.losses, models.med):  # the decoder's loss and cross-attention mask as while recording
+        monkeypatch.setattr(module, 'capturing', lambda: True)
+    _assert_static_equals_eager(
+        model, lambda m: m(image, QUESTIONS, answers, n=n, weights=weights, train=True),
+        lambda m: m.losses(image, q.input_ids, q.attention_mask, ids, mask, w))
+    with pytest.raises(ValueError, match='fixed 1 per question'):
+        model.static_answers(answers, n, weights, per_question=1, length=8)
+    with pytest.raises(ValueError, match='fixed length 3'):
+        model.static_answers(answers, n, weights, per_question=4, length=3)
+
+
+def test_vqa_script_graphed_step_trains_like_the_eager_one(toy, tmp_path, monkeypatch, capsys):
+    import json
+    eager, graphed = _graphed_vs_eager('train_vqa', toy, tmp_path, monkeypatch)
+    assert 'answers in' in capsys.readouterr().out
+    assert graphed['test_vqa_accuracy'] == pytest.approx(eager['test_vqa_accuracy'], rel=1e-4)
+    epochs = [json.loads((tmp_path / d / 'log.txt').read_text().splitlines()[0]) for d in ('eager', 'graphed')]
+    assert epochs[1]['train_loss'] == pytest.approx(epochs[0]['train_loss'], rel=1e-4)
