@@ -204,7 +204,7 @@ def test_a_failing_evaluation_keeps_the_trained_epoch(toy, tmp_path, monkeypatch
     trained_steps = []
     from engine import runner
     train = runner.train_one_epoch
-    monkeypatch.setattr(runner, 'train_one_epoch', lambda *a, **kw: trained_steps.append(kw['start_step']) or train(*a, **kw))
+    monkeypatch.setattr(runner, 'train_one_epoch', lambda *a: trained_steps.append(a[3].start_step) or train(*a))
     stats = train_caption.main(caption_argv(toy, out, '--resume', 'auto'))
     assert trained_steps == [steps] and stats['epoch'] == 0 and 'val_CIDEr' in stats and stats['train_loss'] > 0
 
