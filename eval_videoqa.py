@@ -21,8 +21,9 @@ import torch
 
 from data.videoqa_dataset import create_videoqa_dataset, videoqa_collate_fn
 from engine import distributed as du
-from engine.evaluation import save_result, vqa_accuracy
+from engine.results import save_result
 from engine.runner import CommonConfig, Run, progress
+from engine.vqa_eval import vqa_accuracy
 from models.blip_vqa import blip_vqa
 from models.video_qa import answer_video_questions, tokenize_candidates
 

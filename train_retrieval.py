@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import VisionConfig
-from engine.evaluation import evaluation_retrieval, itm_eval
+from engine.retrieval_eval import evaluation_retrieval, itm_eval
 from engine.runner import Run, cosine_epoch_lr
 from models.blip_retrieval import blip_retrieval
 

@@ -18,9 +18,10 @@ import torch
 
 from data.vqa_dataset import vqa_collate_fn
 from engine.config import VisionConfig
-from engine.evaluation import save_result, vqa_accuracy
 from engine.precision import autocast
+from engine.results import save_result
 from engine.runner import Run, cosine_epoch_lr, progress
+from engine.vqa_eval import vqa_accuracy
 from models.blip_vqa import blip_vqa
 
 
