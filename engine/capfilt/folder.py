@@ -1,4 +1,8 @@
-"""CapFilt's output folder: file names, per-shard score files and the manifest that keeps them from mixing runs, atomic writes, rank 0's wait for the other ranks' shards."""
+"""CapFilt's output folder: file names, per-shard score files and their manifest, atomic writes, the wait for ranks.
+
+The manifest keeps shards of other settings or data from mixing into a run; rank 0 waits for the other ranks'
+shard files before it merges them.
+"""
 from __future__ import annotations
 
 import hashlib

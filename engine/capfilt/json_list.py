@@ -1,4 +1,8 @@
-"""CapFilt over web pairs in JSON annotation lists: shards of ``shard_size`` entries scored per rank, then merged in order into the new annotation file."""
+"""CapFilt over web pairs in JSON annotation lists: shards scored per rank, then merged into one annotation file.
+
+Shards are ``shard_size`` consecutive entries; rank 0 merges them in order, so the output does not depend on the
+number of ranks or on interruptions.
+"""
 from __future__ import annotations
 
 import json
@@ -17,7 +21,7 @@ from engine.capfilt.folder import (REPORT_FILE, SUMMARY_FILE, check_manifest, fi
                                    wait_for_shards, write_atomic, write_json_atomic)
 from engine.capfilt.report import write_html_report
 from engine.capfilt.scoring import build_models, image_path, run_shard
-from engine.capfilt.selection import Histogram, PairWriter, kept_captions, report_indices
+from engine.capfilt.selection import PairWriter, ScoreTally, kept_captions, report_indices
 from engine.config import ConfigError
 from engine.lock import release_output_dir
 from transform import create_transforms
@@ -41,10 +45,8 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
     Writes ``config.output_file``, the summary and the HTML report; returns the summary. Memory stays
     bounded by one shard plus the report samples.
     """
-    lo, hi = (0.0, 1.0) if config.score == 'itm' else (-1.0, 1.0)
-    hist = {name: Histogram(lo, hi) for name in ('web', 'synthetic')}
-    counts = dict.fromkeys(('images', 'web_kept', 'web_removed', 'synthetic_kept', 'synthetic_removed',
-                            'web_pairs_out', 'synthetic_pairs_out', 'synthetic_duplicates', 'human_pairs'), 0)
+    tally = ScoreTally(config, extra=('synthetic_duplicates',))
+    counts = tally.counts
     bad, samples, seconds, shard_images = [], [], 0.0, 0
     wanted = report_indices(len(entries), config.report_samples)
 
@@ -59,28 +61,18 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
             shard_images += rec['images']
             for r in rec['records']:
                 entry = entries[r['i']]
-                counts['images'] += 1
-                web_ok = r['w'] >= config.threshold
-                counts['web_kept' if web_ok else 'web_removed'] += 1
-                hist['web'].add(r['w'])
-                # a keep='web' re-merge of shards made with captions does not read them, nor counts them
-                for _, s in (r['s'] if config.keep != 'web' else ()):
-                    counts['synthetic_kept' if s >= config.threshold else 'synthetic_removed'] += 1
-                    hist['synthetic'].add(s)
                 key = 'image' if 'image' in entry else 'url'
                 kept = kept_captions(entry, r, config)
-                for c, kind in kept:
+                tally.add(r, kept)
+                for c, _ in kept:
                     writer.add(key, entry[key], c)
-                    counts[f'{kind}_pairs_out'] += 1
                 if config.keep in ('synthetic', 'both'):  # kept by score, dropped as a repeat of a kept caption
                     counts['synthetic_duplicates'] += sum(s >= config.threshold for _, s in r['s']) \
                         - sum(kind == 'synthetic' for _, kind in kept)
                 if r['i'] in wanted:
                     samples.append((entry, r))
-        for h in range(len(human)):
-            entry = human[h]
-            key = 'image' if 'image' in entry else 'url'
-            writer.add(key, entry[key], entry['caption'])
+        for entry in human:
+            writer.add_entry(entry)
             counts['human_pairs'] += 1
         writer.close()
 
@@ -89,14 +81,11 @@ def merge_shards(output_dir: Path, num_shards: int, entries: Sequence[dict], hum
         'images_seen': counts['images'] + len(bad), 'images_processed': counts['images'], 'bad_images': len(bad),
         'bad_image_errors': bad[:100], 'score': config.score, 'threshold': config.threshold, 'keep': config.keep,
         'num_captions': captions_per_image(config),
-        'web_kept': counts['web_kept'], 'web_removed': counts['web_removed'],
-        'synthetic_kept': counts['synthetic_kept'], 'synthetic_removed': counts['synthetic_removed'],
-        'web_pairs_out': counts['web_pairs_out'], 'synthetic_pairs_out': counts['synthetic_pairs_out'],
-        'synthetic_duplicates': counts['synthetic_duplicates'],  # synthetic_kept - synthetic_pairs_out (with keep both/synthetic)
-        'human_pairs': counts['human_pairs'],
-        'output_pairs': counts['web_pairs_out'] + counts['synthetic_pairs_out'] + counts['human_pairs'],
+        # synthetic_duplicates = synthetic_kept - synthetic_pairs_out (with keep both/synthetic)
+        **{k: v for k, v in counts.items() if k != 'images'},
+        'output_pairs': tally.output_pairs(),
         'output_file': str(output_dir / config.output_file),
-        'web_score_histogram': hist['web'].to_dict(), 'synthetic_score_histogram': hist['synthetic'].to_dict(),
+        **tally.histograms(),
         'images_per_s_per_process': shard_images / seconds if seconds > 0 else None,
     }
     write_html_report(output_dir / REPORT_FILE, samples, config)

@@ -1,4 +1,4 @@
-"""CapFilt's HTML report: a page like the paper's Figure 4, each sampled image with its captions marked kept or removed."""
+"""CapFilt's HTML report: a page like the paper's Figure 4, sampled images with captions marked kept or removed."""
 from __future__ import annotations
 
 import base64

@@ -1,4 +1,7 @@
-"""CapFilt's models at work: the captioner's synthetic captions and the filter's score of every caption, per batch and per shard of images."""
+"""CapFilt's models at work: the captioner's synthetic captions and the filter's score of every caption.
+
+Per batch (``process_batch``) and per shard of a JSON list's images (``run_shard``).
+"""
 from __future__ import annotations
 
 import time

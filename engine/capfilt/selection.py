@@ -1,4 +1,7 @@
-"""What CapFilt keeps: per image the captions at or above the threshold in the keep mode, score histograms, and the writer of the kept pairs."""
+"""What CapFilt keeps: per image the captions at or above the threshold in the keep mode, and its accounts.
+
+The merge's counts and score histograms (``ScoreTally``) and the writer of the kept pairs (``PairWriter``).
+"""
 from __future__ import annotations
 
 import json
@@ -46,6 +49,38 @@ class Histogram:
                 'non_finite': self.non_finite}
 
 
+class ScoreTally:
+    """A merge's counts and score histograms: images, web and synthetic captions kept / removed by the threshold,
+    pairs written per kind. ``counts`` is in the summary's key order (``extra`` keys before ``human_pairs``)."""
+
+    def __init__(self, config: CapFiltConfig, extra: tuple[str, ...] = ()):
+        lo, hi = (0.0, 1.0) if config.score == 'itm' else (-1.0, 1.0)
+        self.config = config
+        self.hist = {name: Histogram(lo, hi) for name in ('web', 'synthetic')}
+        self.counts = dict.fromkeys(('images', 'web_kept', 'web_removed', 'synthetic_kept', 'synthetic_removed',
+                                     'web_pairs_out', 'synthetic_pairs_out', *extra, 'human_pairs'), 0)
+
+    def add(self, record: dict, kept: list[tuple[str, str]]) -> None:
+        """One image's score record and the ``kept_captions`` of it."""
+        counts, threshold = self.counts, self.config.threshold
+        counts['images'] += 1
+        counts['web_kept' if record['w'] >= threshold else 'web_removed'] += 1
+        self.hist['web'].add(record['w'])
+        # a keep='web' re-merge of shards made with captions does not read them, nor counts them
+        for _, s in (record['s'] if self.config.keep != 'web' else ()):
+            counts['synthetic_kept' if s >= threshold else 'synthetic_removed'] += 1
+            self.hist['synthetic'].add(s)
+        for _, kind in kept:
+            counts[f'{kind}_pairs_out'] += 1
+
+    def output_pairs(self) -> int:
+        return self.counts['web_pairs_out'] + self.counts['synthetic_pairs_out'] + self.counts['human_pairs']
+
+    def histograms(self) -> dict:
+        return {'web_score_histogram': self.hist['web'].to_dict(),
+                'synthetic_score_histogram': self.hist['synthetic'].to_dict()}
+
+
 class PairWriter:
     """Streams pretraining pairs into a JSON list (``.json``) or JSON lines (``.jsonl``)."""
 
@@ -61,6 +96,11 @@ class PairWriter:
         else:
             self.f.write(('\n' if self.count == 0 else ',\n') + text)
         self.count += 1
+
+    def add_entry(self, entry: dict) -> None:
+        """An annotation entry as it is (a human pair): its ``image`` (or ``url``) and ``caption``."""
+        key = 'image' if 'image' in entry else 'url'
+        self.add(key, entry[key], entry['caption'])
 
     def close(self) -> None:
         if not self.jsonl:

@@ -28,7 +28,7 @@ from engine.capfilt.folder import (REPORT_FILE, SUMMARY_FILE, check_manifest, fi
                                    wait_for_shards, write_atomic, write_json_atomic)
 from engine.capfilt.report import thumbnail, write_html_report
 from engine.capfilt.scoring import build_models, process_batch
-from engine.capfilt.selection import Histogram, PairWriter, kept_captions
+from engine.capfilt.selection import PairWriter, ScoreTally, kept_captions
 from engine.config import ConfigError
 from transform import create_transforms
 
@@ -169,10 +169,8 @@ def run_over_tar_shards(config, args, rank: int, world: int, device, amp_dtype, 
 def merge_tar_records(output_dir: Path, num_shards: int, config) -> dict:
     """Counts, histograms and the report from the records; output shards written with other settings are
     rewritten; the human pairs go to ``output_file``."""
-    lo, hi = (0.0, 1.0) if config.score == 'itm' else (-1.0, 1.0)
-    hist = {name: Histogram(lo, hi) for name in ('web', 'synthetic')}
-    counts = dict.fromkeys(('images', 'web_kept', 'web_removed', 'synthetic_kept', 'synthetic_removed',
-                            'web_pairs_out', 'synthetic_pairs_out', 'human_pairs'), 0)
+    tally = ScoreTally(config)
+    counts = tally.counts
     bad, samples, seconds, images, rewritten = [], [], 0.0, 0, 0
     for shard in range(num_shards):
         rec = json.loads(shard_path(output_dir, shard).read_text())
@@ -183,14 +181,7 @@ def merge_tar_records(output_dir: Path, num_shards: int, config) -> dict:
             write_output_shard(output_shard(output_dir, shard), rec, config)
             rewritten += 1
         for r in rec['records']:
-            counts['images'] += 1
-            counts['web_kept' if r['w'] >= config.threshold else 'web_removed'] += 1
-            hist['web'].add(r['w'])
-            for _, s in (r['s'] if config.keep != 'web' else ()):
-                counts['synthetic_kept' if s >= config.threshold else 'synthetic_removed'] += 1
-                hist['synthetic'].add(s)
-            for _, kind in kept_captions({'caption': r['c']}, r, config):
-                counts[f'{kind}_pairs_out'] += 1
+            tally.add(r, kept_captions({'caption': r['c']}, r, config))
             thumb = rec.get('thumbnails', {}).get(str(r['i']))
             if thumb and len(samples) < config.report_samples:
                 samples.append(({'image': f"{rec['url']} {r['k']}", 'caption': r['c'], 'thumbnail': thumb}, r))
@@ -198,8 +189,7 @@ def merge_tar_records(output_dir: Path, num_shards: int, config) -> dict:
     def write_human(f) -> None:
         writer = PairWriter(f, config.output_file.endswith('.jsonl'))
         for entry in (load_annotation_index(config.human_ann_file) if config.human_ann_file else []):
-            key = 'image' if 'image' in entry else 'url'
-            writer.add(key, entry[key], entry['caption'])
+            writer.add_entry(entry)
             counts['human_pairs'] += 1
         writer.close()
 
@@ -209,11 +199,11 @@ def merge_tar_records(output_dir: Path, num_shards: int, config) -> dict:
         'images_seen': images, 'images_processed': counts['images'], 'bad_images': len(bad),
         'bad_image_errors': bad[:100], 'score': config.score, 'threshold': config.threshold, 'keep': config.keep,
         'num_captions': captions_per_image(config), **{k: counts[k] for k in counts},
-        'output_pairs': counts['web_pairs_out'] + counts['synthetic_pairs_out'] + counts['human_pairs'],
+        'output_pairs': tally.output_pairs(),
         'output_shards_rewritten': rewritten,
         'train_shards': output_pattern(output_dir, num_shards), 'train_file': str(output_dir / config.output_file),
         'output_file': str(output_dir / config.output_file),
-        'web_score_histogram': hist['web'].to_dict(), 'synthetic_score_histogram': hist['synthetic'].to_dict(),
+        **tally.histograms(),
         'images_per_s_per_process': images / seconds if seconds > 0 else None,
     }
 
