@@ -76,9 +76,13 @@ class BLIP_VQA(nn.Module):
 
     def encode_question(self, image: torch.Tensor, question: Union[str, Sequence[str]]):
         """Question states [B, Lq, H] grounded on the image, and the question padding mask [B, Lq]."""
-        image_embeds = self.visual_encoder(image)                                  # [B, N, Dv]
+        return self.question_states(self.visual_encoder(image), question)         # ViT tokens [B, N, Dv]
+
+    def question_states(self, image_embeds: torch.Tensor, question: Union[str, Sequence[str]]):
+        """Question states [B, Lq, H] attending to ``image_embeds`` [B, N, Dv] (an image's ViT tokens, or a video's
+        frames' tokens in one sequence), with ``[ENC]`` first, and the question padding mask [B, Lq]."""
         q = self.tokenizer(question, padding='longest', truncation=True, max_length=35,
-                           return_tensors='pt').to(image.device)
+                           return_tensors='pt').to(image_embeds.device)
         ids = q.input_ids.clone()
         ids[:, 0] = self.tokenizer.enc_token_id
         states = self.text_encoder(ids, attention_mask=q.attention_mask, encoder_hidden_states=image_embeds,
