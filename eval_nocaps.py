@@ -12,7 +12,7 @@ from typing import Optional
 from engine.captioning import generate_captions
 from engine.config import VisionConfig
 from engine.cuda_graph import decoding_note
-from engine.evaluation import save_result
+from engine.results import save_result
 from engine.runner import Run
 from models.blip import blip_decoder
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import VisionConfig
-from engine.evaluation import evaluation_retrieval_video, itm_eval_video
+from engine.retrieval_eval import evaluation_retrieval_video, itm_eval_video
 from engine.runner import Run
 from models.blip_retrieval import blip_retrieval
 

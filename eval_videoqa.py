@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from data.videoqa_dataset import create_videoqa_dataset, videoqa_collate_fn
-from engine import distributed as du
-from engine.evaluation import save_result, vqa_accuracy
+from data.videoqa_dataset import videoqa_collate_fn
+from engine.results import save_result
 from engine.runner import CommonConfig, Run, progress
+from engine.vqa_eval import vqa_accuracy
 from models.blip_vqa import blip_vqa
 from models.video_qa import answer_video_questions, tokenize_candidates
 
@@ -59,15 +59,6 @@ def check_config(config: VideoQAConfig, path: str) -> None:
         raise ValueError(f'{path}: test_file (the QA json) is empty')
 
 
-def toy_data(run: Run) -> None:
-    """Rank 0 writes the toy dataset (its video QA clips included) once; the others wait."""
-    if run.config.toy_root:
-        if run.is_main:
-            from data.toy import ensure_toy_dataset
-            ensure_toy_dataset(run.config.toy_root, exact=False)
-        du.barrier()
-
-
 @torch.no_grad()
 def answer_all(run: Run, model, loader) -> list[dict]:
     config, device = run.config, run.device
@@ -89,8 +80,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     run = Run.start(argv, VideoQAConfig, description=__doc__)
     config = run.config
     check_config(config, run.args.config)
-    toy_data(run)
-    test_set = create_videoqa_dataset(config)
+    test_set = run.datasets('videoqa')
     (loader,) = run.loaders([test_set], [False], [config.batch_size], collate_fns=[videoqa_collate_fn])
     model = blip_vqa(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
                      med_config=config.med_config).to(run.device).eval()

@@ -131,7 +131,7 @@ def make_graphed_step(config: PretrainConfig, model, optimizer, sync_grads: bool
 
 class ShardTracker:
     """pretrain.py's side of a shard stream: follows the batches trained on, puts the stream's position into every
-    resume point (``run.progress['shard_state']``) and gives the epoch's data counts."""
+    resume point (``run.resume_state['shard_state']``) and gives the epoch's data counts."""
 
     def __init__(self, run: Run, dataset: ShardStream, loader: DataLoader):
         self.run, self.dataset, self.workers = run, dataset, max(1, loader.num_workers)
@@ -142,7 +142,7 @@ class ShardTracker:
         self.progress.update(info)
 
     def start_epoch(self, epoch: int) -> None:
-        saved = self.run.progress.get('shard_state')
+        saved = self.run.resume_state.get('shard_state')
         resuming = saved and saved['data']['epoch'] == epoch and epoch == self.run.start_epoch and self.run.start_step
         self.dataset.set_resume_state(saved['data'] if resuming else None)
         self.restored = dict(saved['counts']) if resuming and self.run.is_main else {}
@@ -156,10 +156,10 @@ class ShardTracker:
 
     def before_save(self, resume: tuple[int, int]) -> None:
         if resume[1] == 0:   # an epoch's end: the next one starts afresh
-            self.run.progress.pop('shard_state', None)
+            self.run.resume_state.pop('shard_state', None)
             return
         cursors = gather_objects([{**self.dataset.cursors, **self.progress.cursors}])
-        self.run.progress['shard_state'] = {'data': self.dataset.state(resume[1], self.workers, cursors),
+        self.run.resume_state['shard_state'] = {'data': self.dataset.state(resume[1], self.workers, cursors),
                                             'counts': self.totals()}
 
 

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.utils import ensure_annotation
+from engine.caption_metrics import coco_caption_eval
 from engine.captioning import generate_captions
 from engine.config import VisionConfig
 from engine.cuda_graph import decoding_note, graphed_step_fn
-from engine.evaluation import coco_caption_eval, save_result
+from engine.results import save_result
 from engine.runner import Run, cosine_epoch_lr
 from models.blip import blip_decoder
 

@@ -16,7 +16,7 @@ import torch
 
 from engine.config import VisionConfig
 from engine.cuda_graph import graphed_step_fn
-from engine.evaluation import evaluation_retrieval, itm_eval
+from engine.retrieval_eval import evaluation_retrieval, itm_eval
 from engine.runner import Run, cosine_epoch_lr
 from models.blip_retrieval import blip_retrieval
 

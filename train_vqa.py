@@ -20,9 +20,10 @@ from data.vqa_dataset import answer_weights, vqa_collate_fn
 from engine import distributed as du
 from engine.config import VisionConfig
 from engine.cuda_graph import graphed_step_fn, static_text_length
-from engine.evaluation import save_result, vqa_accuracy
 from engine.precision import autocast
+from engine.results import save_result
 from engine.runner import Run, cosine_epoch_lr, progress
+from engine.vqa_eval import vqa_accuracy
 from models.blip_vqa import blip_vqa
 
 

@@ -29,9 +29,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-TINY_VIT = {'embed_dim': 32, 'depth': 2, 'num_heads': 2, 'patch_size': 8}
-TINY_MED = {'hidden_size': 32, 'num_hidden_layers': 2, 'num_attention_heads': 2, 'intermediate_size': 64,
-            'vocab_size': 30524, 'max_position_embeddings': 64, 'encoder_width': 32}
+from common import TINY_MED, TINY_VIT  # noqa: E402
+
 WORKLOADS = {  # batch, image size at --size large / base (tiny: 4 @ 32)
     'pretrain': (64, 224),
     'caption': (32, 384),

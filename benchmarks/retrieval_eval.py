@@ -5,7 +5,7 @@ Issue 7 workload; target <= 10 minutes on one GPU with rankings identical to the
 are structured (text j is a noisy copy of its image j // 5's feature) so that the i2t and t2i candidate
 sets overlap as they do with a trained model.
 
-The grouped protocol measured here (a proposal for engine/evaluation.py):
+The grouped protocol measured here (a proposal for what is now engine/retrieval_eval.py):
   1. ITC: every image and text feature once; sims = img_feat @ txt_feat.T on the GPU.
   2. candidates: top-k texts per image (i2t) and top-k images per text (t2i), as pair ids i*N_t + t;
      their UNION (torch.unique): ITM(i, t) is the same function in both directions, computed once.

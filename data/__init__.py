@@ -13,6 +13,7 @@ from data.nlvr_dataset import nlvr_dataset
 from data.nocaps_dataset import nocaps_eval
 from data.pretrain_dataset import pretrain_dataset
 from data.video_dataset import VideoDataset
+from data.videoqa_dataset import videoqa_dataset
 from data.vqa_dataset import vqa_collate_fn, vqa_dataset
 from transform import create_transforms
 
@@ -118,6 +119,14 @@ def _retrieval_msrvtt(r: DatasetRequest) -> Dataset:
                         frm_sampling_strategy='uniform', max_img_size=r.image_size)
 
 
+@register_dataset('videoqa')
+def _videoqa(r: DatasetRequest) -> Dataset:
+    return videoqa_dataset(r.req('test_file'), r.req('video_root'), r.get('answer_list', ''),
+                           num_frm=r.req('num_frm_test'), frm_sampling_strategy='uniform', max_img_size=r.image_size,
+                           video_fmt=r.get('video_fmt', '.mp4'), video_name=r.get('video_name', 'video{}'),
+                           video_mapping=r.get('video_mapping', ''))
+
+
 DATASETS = tuple(_BUILDERS)
 
 
@@ -134,7 +143,7 @@ def create_dataset(dataset: str, config: Any, min_scale: float = 0.5):
 
     Returns:
         pretrain: the dataset; caption_coco, retrieval_coco, retrieval_flickr, nlvr: (train, val, test);
-        nocaps: (val, test); vqa: (train, test); retrieval_msrvtt: the video test dataset.
+        nocaps: (val, test); vqa: (train, test); retrieval_msrvtt, videoqa: the video test dataset.
     """
     if dataset not in _BUILDERS:
         raise ValueError(f'unknown dataset {dataset!r}; expected one of {tuple(_BUILDERS)}')

@@ -107,7 +107,8 @@ SKIP_HINT = ' (skip_bad_samples: true skips unreadable training samples; evaluat
 @contextmanager
 def lenient_decoding() -> Iterator[None]:
     """PIL decodes truncated files (grey where data is missing) and skips its size limit, then the
-    settings are restored: only pretraining on web images opts in, as the original does for all of them."""
+    settings are restored: only pretraining on web images opts in, as the original does for all of them (tar
+    shards bound the size themselves, from the header: ``data.shards.open_checked``)."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None
     try:

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -45,10 +44,10 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.loading import SharedInts, seeded_augmentation
+from data.loading import SharedInts, lenient_decoding, seeded_augmentation
 from data.utils import pre_caption
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -319,18 +318,6 @@ def to_rgb(image: Image.Image, counts: Optional[dict] = None) -> Image.Image:
     return Image.alpha_composite(background, image).convert('RGB')
 
 
-@contextmanager
-def lenient_pil() -> Iterator[None]:
-    """Web images decode as far as they go (truncated files), and the size limit is ours (from the header, in
-    :func:`open_checked`), not PIL's decompression-bomb check; restored afterwards."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
-
-
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -338,7 +325,7 @@ def open_checked(source, limits: DirtLimits, load: bool = True) -> Image.Image:
     """Open an image (a path or bytes), refuse tiny and huge ones from the header alone, decode it fully (unless
     ``load`` is False: a transform with ``decodes`` then decodes it, e.g. at a reduced JPEG scale)."""
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with lenient_pil():
+    with lenient_decoding():
         try:
             image = Image.open(fp)
         except Exception as e:  # noqa: BLE001 - any decoder failure is one kind of dirt
@@ -358,7 +345,7 @@ def open_checked(source, limits: DirtLimits, load: bool = True) -> Image.Image:
 
 def transform_decoding(transform: Callable, image: Image.Image):
     """``transform(image)`` for an image it decodes itself: decoder failures are dirt, not crashes."""
-    with lenient_pil():
+    with lenient_decoding():
         try:
             return transform(image)
         except DECODE_ERRORS as e:
@@ -606,7 +593,7 @@ class ShardStream(IterableDataset):
                 if image.mode == 'L':
                     counts['grey'] = counts.get('grey', 0) + 1
                 return image, caption
-            with lenient_pil():
+            with lenient_decoding():
                 try:
                     image.load()
                 except Exception as e:  # noqa: BLE001

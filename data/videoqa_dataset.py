@@ -10,7 +10,6 @@ retrieval video set does (``data.video_dataset.read_frames``).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import av
 import torch
@@ -111,12 +110,3 @@ def videoqa_collate_fn(batch: list) -> tuple[torch.Tensor, list, list]:
     """``(videos [B, F, 3, S, S], questions, question ids)``; ids stay Python values (int or str)."""
     videos, questions, ids = zip(*batch)
     return torch.stack(videos), list(questions), list(ids)
-
-
-def create_videoqa_dataset(config, ann_file: Optional[str] = None) -> videoqa_dataset:
-    """The test set named by a video QA config (``eval_videoqa.py``'s keys)."""
-    return videoqa_dataset(ann_file or config['test_file'], config['video_root'], config.get('answer_list', ''),
-                           num_frm=config['num_frm_test'], frm_sampling_strategy='uniform',
-                           max_img_size=config['image_size'], video_fmt=config.get('video_fmt', '.mp4'),
-                           video_name=config.get('video_name', 'video{}'),
-                           video_mapping=config.get('video_mapping', ''))

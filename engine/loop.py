@@ -1,7 +1,9 @@
 """The one training loop every script uses: per-step LR, AMP, accumulation, clipping, NaN guard.
 
-A script supplies ``step_fn(model, batch, step) -> {loss_name: scalar tensor}``; the loop sums the
-losses, and owns everything else. A non-finite loss raises ``NonFiniteLossError`` naming the epoch,
+A script supplies ``step_fn(model, batch, step) -> {loss_name: scalar tensor}``; ``train_one_epoch`` takes
+it in a ``StepPlan`` (what a step is: step_fn, optimizer, LR, precision, accumulation, clipping) beside an
+``EpochPlan`` (what the epoch is: its number, start, logging and saves), sums the losses, and owns
+everything else. A non-finite loss raises ``NonFiniteLossError`` naming the epoch,
 step and loss values *before* the backward pass, so no optimizer step and no checkpoint ever sees it.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import itertools
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -21,7 +24,7 @@ from engine.cuda_graph import accumulation_window
 from engine.optim import set_lr
 from engine.precision import AMP_DTYPES, autocast
 
-__all__ = ['NonFiniteLossError', 'ResumableSampler', 'train_one_epoch', 'autocast']
+__all__ = ['EpochPlan', 'NonFiniteLossError', 'ResumableSampler', 'StepPlan', 'train_one_epoch', 'autocast']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,64 +83,88 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> dic
     return values
 
 
-def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
-                    step_fn: Callable[[torch.nn.Module, object, int], dict], *, epoch: int,
-                    lr_fn: Callable[[int], float], device: torch.device, precision: str = 'none',
-                    accum_steps: int = 1, clip_grad: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
-                    logger=None, start_step: int = 0, save_every_steps: int = 0,
-                    save_fn: Optional[Callable[[int, dict], None]] = None, log_every: int = 50,
-                    step_updates: bool = False, start_totals: Optional[dict] = None, save_at_end: bool = False) -> dict:
-    """Train one epoch from ``start_step``; return the epoch's mean losses (over ranks) and last LR.
+@dataclass
+class StepPlan:
+    """What one training step is: the task's ``step_fn`` and how its losses update the weights.
+
+    ``accum_steps``: batches per optimizer step; ``lr_fn`` receives the optimizer-step index (batch index //
+    ``accum_steps``), so a warm-up of N steps spans N updates whatever the accumulation. The last window of an
+    epoch that ``accum_steps`` does not divide averages over the batches it has.
+
+    ``updates_itself``: ``step_fn`` runs backward and the optimizer update itself (a step replayed as CUDA graphs,
+    ``engine.cuda_graph.TrainStep``, which accumulates, clips and skips the update of a non-finite window on the
+    device); the loop sets the LR before it and checks and logs the losses it returns. No fp16 scaler then.
+    """
+    step_fn: Callable[[torch.nn.Module, object, int], dict]
+    optimizer: torch.optim.Optimizer
+    lr_fn: Callable[[int], float]
+    precision: str = 'none'
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    scaler: Optional[torch.amp.GradScaler] = None
+    updates_itself: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.precision!r}")
+        if self.accum_steps < 1:
+            raise ValueError(f'accum_steps must be >= 1, got {self.accum_steps}')
+        if self.updates_itself and self.scaler is not None:
+            raise ValueError('a step that updates the weights itself (cuda_graph) takes no fp16 grad scaler')
+
+
+@dataclass
+class EpochPlan:
+    """What one epoch is: its number, where it starts, what it logs and when it saves.
 
     ``save_fn(next_step, totals)`` is called on every rank after each ``save_every_steps``-th optimizer step;
     ``totals`` = ``{'sums': {loss: sum}, 'count': steps}`` of the epoch so far over all ranks (a collective).
     Handed back as ``start_totals`` when the epoch resumes at ``next_step``, they make the returned means
     cover the whole epoch, not only the steps after the resume.
-    ``lr_fn`` receives the optimizer-step index (batch index // ``accum_steps``), so a warm-up of N steps
-    spans N updates whatever the accumulation. The last window of an epoch that ``accum_steps`` does not
-    divide averages over the batches it has.
 
     ``save_at_end``: ``save_fn(steps, totals)`` after the last step too, so that what follows the epoch (its
     evaluation) can fail without losing it.
-
-    ``step_updates``: ``step_fn`` runs backward and the optimizer update itself (a step replayed as CUDA graphs,
-    ``engine.cuda_graph.TrainStep``, which accumulates, clips and skips the update of a non-finite window on the
-    device); the loop sets the LR before it and checks and logs the losses it returns. No fp16 scaler then.
     """
-    if precision not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
-    if accum_steps < 1:
-        raise ValueError(f'accum_steps must be >= 1, got {accum_steps}')
-    if step_updates and scaler is not None:
-        raise ValueError('a step that updates the weights itself (cuda_graph) takes no fp16 grad scaler')
-    steps = len(loader)
+    epoch: int
+    start_step: int = 0
+    start_totals: Optional[dict] = None
+    logger: Optional[object] = None
+    log_every: int = 50
+    save_fn: Optional[Callable[[int, dict], None]] = None
+    save_every_steps: int = 0
+    save_at_end: bool = False
+
+
+def train_one_epoch(model: torch.nn.Module, loader, plan: StepPlan, ep: EpochPlan, device: torch.device) -> dict:
+    """Train one epoch from ``ep.start_step``; return the epoch's mean losses (over ranks) and last LR."""
+    optimizer, steps, epoch = plan.optimizer, len(loader), ep.epoch
     model.train()
     sums: dict[str, float] = defaultdict(float)
     window: dict[str, float] = defaultdict(float)
     count = window_count = 0
-    if start_totals and du.is_main_process():  # one rank carries them: the totals are summed over ranks
-        sums.update(start_totals['sums'])
-        count = int(start_totals['count'])
+    if ep.start_totals and du.is_main_process():  # one rank carries them: the totals are summed over ranks
+        sums.update(ep.start_totals['sums'])
+        count = int(ep.start_totals['count'])
     lr = float(optimizer.param_groups[0]['lr'])
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    bar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch}', disable=not du.is_main_process(),
+    bar = tqdm(total=steps, initial=ep.start_step, desc=f'epoch {epoch}', disable=not du.is_main_process(),
                dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     t0 = time.time()
-    for step, batch in zip(range(start_step, steps), _batches_from(loader, start_step)):
-        lr = lr_fn(step // accum_steps)
+    for step, batch in zip(range(ep.start_step, steps), _batches_from(loader, ep.start_step)):
+        lr = plan.lr_fn(step // plan.accum_steps)
         set_lr(optimizer, lr)
-        update, window_size = accumulation_window(step, steps, accum_steps)
+        update, window_size = accumulation_window(step, steps, plan.accum_steps)
         sync = model.no_sync() if is_ddp and not update else contextlib.nullcontext()
         with sync:
-            with autocast(device, precision):
-                losses = step_fn(model, batch, step)
+            with autocast(device, plan.precision):
+                losses = plan.step_fn(model, batch, step)
             values = _check_finite(losses, epoch, step)
-            if not step_updates:
+            if not plan.updates_itself:
                 loss = sum(v.float() for v in losses.values()) / window_size
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-        if update and not step_updates:
-            _optimizer_step(model, optimizer, scaler, clip_grad)
+                (plan.scaler.scale(loss) if plan.scaler is not None else loss).backward()
+        if update and not plan.updates_itself:
+            _optimizer_step(model, optimizer, plan.scaler, plan.clip_grad)
         for k, v in values.items():
             sums[k] += v
             window[k] += v
@@ -146,19 +173,19 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         bar.update(1)
         if du.is_main_process():
             bar.set_postfix({k: f'{v:.3f}' for k, v in values.items()} | {'lr': f'{lr:.2e}'})
-        if logger is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            logger.log({'epoch': epoch, 'step': step + 1, 'steps': steps, 'lr': lr,
-                        **{k: v / window_count for k, v in window.items()},
-                        'sec_per_step': (time.time() - t0) / window_count})
+        if ep.logger is not None and ((step + 1) % ep.log_every == 0 or step + 1 == steps):
+            ep.logger.log({'epoch': epoch, 'step': step + 1, 'steps': steps, 'lr': lr,
+                           **{k: v / window_count for k, v in window.items()},
+                           'sec_per_step': (time.time() - t0) / window_count})
             window.clear()
             window_count, t0 = 0, time.time()
-        if save_fn is not None and save_every_steps and update and (step + 1) % save_every_steps == 0 \
+        if ep.save_fn is not None and ep.save_every_steps and update and (step + 1) % ep.save_every_steps == 0 \
                 and step + 1 < steps:
-            save_fn(step + 1, _totals_over_ranks(sums, count, device))
+            ep.save_fn(step + 1, _totals_over_ranks(sums, count, device))
     bar.close()
     totals = _totals_over_ranks(sums, count, device)
-    if save_fn is not None and save_at_end and start_step < steps:
-        save_fn(steps, totals)
+    if ep.save_fn is not None and ep.save_at_end and ep.start_step < steps:
+        ep.save_fn(steps, totals)
     n = max(totals['count'], 1)
     return {'lr': lr, **{k: v / n for k, v in totals['sums'].items()}}
 

@@ -33,7 +33,7 @@ from engine.sharded_checkpoint import (CHECKPOINT_FORMATS, SHARDED_SUFFIX, find_
                                        load_sharded_training_state, remove_sharded_checkpoints,
                                        save_sharded_checkpoint)
 from engine.logging import JsonLogger, logs_to_resume_point
-from engine.loop import AMP_DTYPES, NonFiniteLossError, ResumableSampler, train_one_epoch
+from engine.loop import AMP_DTYPES, EpochPlan, NonFiniteLossError, ResumableSampler, StepPlan, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer
 from models.checkpoint import is_url
 from models.compile import compile_layers
@@ -168,11 +168,13 @@ class Run:
         self.model = self.model_without_ddp = self.optimizer = self.scaler = None
         self.start_epoch, self.start_step = 0, 0
         self.cuda_graph = False  # the training step as CUDA graphs (setup_model decides)
-        self.progress: dict = {}  # best score / epoch: saved in every checkpoint, restored by --resume
+        # what --resume restores besides weights and optimizer: best score / epoch, a cut epoch's loss totals, data
+        # positions; saved in every checkpoint (under its 'progress' key, the name older checkpoints have)
+        self.resume_state: dict = {}
         self._samplers: dict[int, object] = {}
         self._pending_saves: list[tuple[str, int]] = []  # FSDP: save() requests written at end_epoch / finish
         # called on every rank (collective allowed) before a resume point is saved, with its (epoch, step): data
-        # sources that keep their own position put it into self.progress there (data.shards)
+        # sources that keep their own position put it into self.resume_state there (data.shards)
         self.resume_hooks: list[Callable[[tuple[int, int]], None]] = []
 
     @classmethod
@@ -374,7 +376,7 @@ class Run:
             return
         load = load_sharded_training_state if is_sharded_checkpoint(path) else load_training_state
         epoch, step = load(path, self.model_without_ddp, self.optimizer, self.scaler, rank=du.get_rank(),
-                           world_size=du.get_world_size(), progress=self.progress)
+                           world_size=du.get_world_size(), progress=self.resume_state)
         self.start_epoch, self.start_step = epoch, step
         print(f'resumed from {path}: epoch {epoch}, step {step}')
         if not self.args.evaluate and epoch >= self.config.max_epoch:
@@ -415,27 +417,27 @@ class Run:
             # the epoch's loss sums so far go with the resume point: a resumed epoch logs the mean of all its steps;
             # and the samples it has seen, for a resume with another number of ranks or batch size
             world = du.get_world_size()
-            self.progress['epoch_totals'] = {'epoch': epoch, 'step': step, 'world_size': world,
+            self.resume_state['epoch_totals'] = {'epoch': epoch, 'step': step, 'world_size': world,
                                              'batch_size': loader.batch_size,
                                              'samples': step * loader.batch_size * world, **totals}
             try:
                 self.save_resume_point(epoch, (epoch, step))
             finally:
-                del self.progress['epoch_totals']
+                del self.resume_state['epoch_totals']
 
-        saved = self.progress.pop('epoch_totals', None)  # restored by --resume from a mid-epoch checkpoint
+        saved = self.resume_state.pop('epoch_totals', None)  # restored by --resume from a mid-epoch checkpoint
         start_totals = None
         if saved and start_step and (saved['epoch'], saved['step']) == (epoch, start_step):
             start_totals = saved
             start_step = mid_epoch_start_step(saved, loader.batch_size, du.get_world_size(), steps)
         try:
-            stats = train_one_epoch(self.model, loader, self.optimizer, wrapped_step, epoch=epoch, lr_fn=lr_fn,
-                                   precision=self.precision, accum_steps=self.config.accum_steps,
-                                   clip_grad=self.config.clip_grad, scaler=self.scaler, logger=self.logger,
-                                   device=self.device, start_step=start_step, log_every=self.config.log_every,
-                                   save_every_steps=self.config.save_every_steps, save_fn=save_mid_epoch,
-                                   step_updates=self.cuda_graph, start_totals=start_totals,
-                                   save_at_end=save_before_eval)
+            plan = StepPlan(wrapped_step, self.optimizer, lr_fn, precision=self.precision,
+                            accum_steps=self.config.accum_steps, clip_grad=self.config.clip_grad, scaler=self.scaler,
+                            updates_itself=self.cuda_graph)
+            ep = EpochPlan(epoch, start_step=start_step, start_totals=start_totals, logger=self.logger,
+                           log_every=self.config.log_every, save_fn=save_mid_epoch,
+                           save_every_steps=self.config.save_every_steps, save_at_end=save_before_eval)
+            stats = train_one_epoch(self.model, loader, plan, ep, self.device)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f'{e}; {self._checkpoints_on_disk()}') from None
         if report:
@@ -472,7 +474,7 @@ class Run:
             return
         if self.is_main:
             save_checkpoint(self.output_dir / name, self.model_without_ddp, self.optimizer, self.config.to_dict(),
-                            epoch, epoch + 1, 0, scaler=self.scaler, progress=self.progress)
+                            epoch, epoch + 1, 0, scaler=self.scaler, progress=self.resume_state)
 
     def _gathered_states(self) -> dict:
         """Under FSDP the whole model and optimizer states (collective; kept on rank 0), else {} (the writer
@@ -495,7 +497,7 @@ class Run:
         if self.is_main:
             for name, epoch in pending[0]:
                 save_checkpoint(self.output_dir / name, self.model_without_ddp, self.optimizer, self.config.to_dict(),
-                                epoch, epoch + 1, 0, scaler=self.scaler, progress=self.progress, **states)
+                                epoch, epoch + 1, 0, scaler=self.scaler, progress=self.resume_state, **states)
 
     def save_resume_point(self, epoch: int, resume: tuple[int, int]) -> None:
         """``checkpoint_last.pth`` (``checkpoint_format: sharded``: ``checkpoint_last.dcp/``) continuing at ``resume``
@@ -507,26 +509,26 @@ class Run:
         if self.config.get('checkpoint_format', 'full') == 'sharded':  # every rank writes its own shards
             save_sharded_checkpoint(self.output_dir / f'checkpoint_last{SHARDED_SUFFIX}', self.model, self.optimizer,
                                     self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng,
-                                    progress=self.progress)
+                                    progress=self.resume_state)
             return
         states = self._gathered_states()
         if self.is_main:
             save_checkpoint(self.output_dir / 'checkpoint_last.pth', self.model_without_ddp, self.optimizer,
                             self.config.to_dict(), epoch, resume[0], resume[1], scaler=self.scaler, rng=rng,
-                            progress=self.progress, **states)
+                            progress=self.resume_state, **states)
         du.barrier()
 
     def improved(self, score: float, epoch: int) -> bool:
         """Whether ``score`` beats the best so far, which is then recorded; the best survives ``--resume``,
         so a resumed run does not overwrite ``checkpoint_best.pth`` with a worse epoch."""
-        if score > self.progress.get('best', float('-inf')):
-            self.progress.update(best=score, best_epoch=epoch)
+        if score > self.resume_state.get('best', float('-inf')):
+            self.resume_state.update(best=score, best_epoch=epoch)
             return True
         return False
 
     @property
     def best_epoch(self) -> int:
-        return self.progress.get('best_epoch', 0)
+        return self.resume_state.get('best_epoch', 0)
 
     def log(self, stats: dict, filename: str = 'log.txt') -> None:
         if self.is_main:

@@ -77,8 +77,13 @@ class BLIP_VQA(nn.Module):
 
     def encode_question(self, image: torch.Tensor, question: Union[str, Sequence[str]]):
         """Question states [B, Lq, H] grounded on the image, and the question padding mask [B, Lq]."""
-        q = self.tokenize_questions(question, image.device)
-        return self.encode_tokens(image, q.input_ids, q.attention_mask), q.attention_mask
+        return self.question_states(self.visual_encoder(image), question)         # ViT tokens [B, N, Dv]
+
+    def question_states(self, image_embeds: torch.Tensor, question: Union[str, Sequence[str]]):
+        """Question states [B, Lq, H] attending to ``image_embeds`` [B, N, Dv] (an image's ViT tokens, or a video's
+        frames' tokens in one sequence), with ``[ENC]`` first, and the question padding mask [B, Lq]."""
+        q = self.tokenize_questions(question, image_embeds.device)
+        return self.states_from_tokens(image_embeds, q.input_ids, q.attention_mask), q.attention_mask
 
     def tokenize_questions(self, question: Union[str, Sequence[str]], device=None, static: bool = False) -> TextBatch:
         """Questions as the encoder reads them (at most 35 tokens); ``static``: padded to 35, the fixed shape a
@@ -89,7 +94,11 @@ class BLIP_VQA(nn.Module):
 
     def encode_tokens(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``encode_question``'s states from tokenised questions (``tokenize_questions``)."""
-        image_embeds = self.visual_encoder(image)                                  # [B, N, Dv]
+        return self.states_from_tokens(self.visual_encoder(image), input_ids, attention_mask)
+
+    def states_from_tokens(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+        """Question states [B, Lq, H] of tokenised questions attending to ``image_embeds`` ([ENC] put first)."""
         ids = input_ids.clone()
         ids[:, 0] = self.tokenizer.enc_token_id
         return self.text_encoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,

@@ -26,18 +26,6 @@ def encode_video(visual_encoder: torch.nn.Module, video: torch.Tensor, frame_chu
     return tokens.reshape(B, n_frames * tokens.shape[1], tokens.shape[2])
 
 
-def question_states(model: BLIP_VQA, video_embeds: torch.Tensor, questions: Sequence[str]):
-    """Question states ``[B, Lq, H]`` grounded on the frames' tokens, and the question padding mask: the image
-    path of ``BLIP_VQA.encode_question`` (``[ENC]`` first) with the video's token sequence as the image."""
-    q = model.tokenizer(list(questions), padding='longest', truncation=True, max_length=35,
-                        return_tensors='pt').to(video_embeds.device)
-    ids = q.input_ids.clone()
-    ids[:, 0] = model.tokenizer.enc_token_id
-    states = model.text_encoder(ids, attention_mask=q.attention_mask, encoder_hidden_states=video_embeds,
-                                mode='multimodal').last_hidden_state
-    return states, q.attention_mask
-
-
 def tokenize_candidates(model: BLIP_VQA, answers: Sequence[str], device: torch.device):
     """Candidate answers as the decoder ranks them: ``[DEC]`` first, padded to the longest."""
     return model.tokenize_answers(list(answers), device)
@@ -58,7 +46,7 @@ def answer_video_questions(model: BLIP_VQA, video: torch.Tensor, questions: Sequ
         candidates: 'rank': ``tokenize_candidates(model, answer_list, device)``, computed once by the caller.
         answer_list: 'rank': the candidate strings.
     """
-    states, mask = question_states(model, encode_video(model.visual_encoder, video, frame_chunk), questions)
+    states, mask = model.question_states(encode_video(model.visual_encoder, video, frame_chunk), list(questions))
     if inference == 'rank':
         if candidates is None or not answer_list:
             raise ValueError("inference 'rank' needs the candidate answers (answer_list)")

@@ -18,7 +18,10 @@ import torch
 from PIL import Image
 
 import capfilt
-from engine.config import ConfigError
+from engine.capfilt import folder, json_list
+from engine.capfilt.config import CapFiltConfig, validate
+from engine.capfilt.selection import Histogram
+from engine.config import ConfigError, load_config
 from models.blip import BLIP_Decoder
 from models.blip_itm import BLIP_ITM
 from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
@@ -118,7 +121,7 @@ def test_progress_is_logged_as_json_lines_per_shard(full_run):
 
 def test_wrong_image_root_or_missing_human_file_fails_before_any_model_work(setup, tmp_path, monkeypatch):
     """A wrong image_root used to count every image as bad and write an output of human pairs only."""
-    monkeypatch.setattr(capfilt, 'build_models', lambda *a: pytest.fail('models built before the inputs were checked'))
+    monkeypatch.setattr(json_list, 'build_models', lambda *a: pytest.fail('models built before the inputs were checked'))
     with pytest.raises(ConfigError, match=r"none of the first 13 web images exists.*image_root \('/nonexistent'\)"):
         run_capfilt(setup, tmp_path / 'a', 'image_root=/nonexistent')
     with pytest.raises(ConfigError, match=r"human_ann_file '/nonexistent/h.json' does not exist"):
@@ -127,7 +130,7 @@ def test_wrong_image_root_or_missing_human_file_fails_before_any_model_work(setu
 
 
 def test_nan_scores_are_counted_apart_in_the_histogram():
-    hist = capfilt.Histogram(0.0, 1.0, bins=4)
+    hist = Histogram(0.0, 1.0, bins=4)
     for value in (0.1, float('nan'), 0.9, float('inf')):
         hist.add(value)
     assert hist.to_dict()['counts'] == [1, 0, 0, 1] and hist.to_dict()['non_finite'] == 2
@@ -149,7 +152,7 @@ def test_threshold_one_removes_everything_and_remerges_without_models(setup, ful
     for f in (out / 'shards').iterdir():
         (copy / 'shards' / f.name).write_bytes(f.read_bytes())
     # finished shards hold scores, so a new threshold needs no model at all
-    monkeypatch.setattr(capfilt, 'build_models', lambda *a: pytest.fail('models rebuilt for a re-merge'))
+    monkeypatch.setattr(json_list, 'build_models', lambda *a: pytest.fail('models rebuilt for a re-merge'))
     summary = run_capfilt(setup, copy, 'threshold=1.0')
     assert summary['web_kept'] == 0 and summary['synthetic_kept'] == 0
     assert summary['web_removed'] == N_WEB and summary['synthetic_removed'] == 2 * N_WEB
@@ -264,11 +267,12 @@ def test_sigkill_mid_run_then_resume_is_identical(setup, full_run, tmp_path):
     killed = tmp_path / 'killed'
     child = (
         'import sys, time, capfilt\n'
-        'write = capfilt.write_json_atomic\n'
+        'from engine.capfilt import json_list\n'
+        'write = json_list.write_json_atomic\n'
         'def slow(path, obj):\n'
         '    write(path, obj)\n'
         '    if "shard_0" in str(path): time.sleep(30)\n'
-        'capfilt.write_json_atomic = slow\n'
+        'json_list.write_json_atomic = slow\n'
         'capfilt.main(sys.argv[1:])\n')
     cmd = [sys.executable, '-c', child, '--config', str(setup['config']), '--output_dir', str(killed),
            '--device', 'cpu', '--options', 'threshold=0.0']
@@ -355,8 +359,8 @@ def test_unknown_config_key_errors_naming_it(setup, tmp_path):
 
 def test_shipped_configs_load():
     for path in ('configs/capfilt.yaml', 'configs/toy/capfilt.yaml'):
-        config = capfilt.load_config(ROOT / path, capfilt.CapFiltConfig)
-        capfilt.validate(config, path)
+        config = load_config(ROOT / path, CapFiltConfig)
+        validate(config, path)
         assert config.threshold == 0.5 and config.score == 'itm' and config.top_p == 0.9
 
 
@@ -385,9 +389,9 @@ def test_rank_0_stops_waiting_for_shards_that_never_come(tmp_path):
     (tmp_path / 'shards').mkdir()
     (tmp_path / 'shards' / 'shard_000000.json').write_text('{}')
     with pytest.raises(TimeoutError, match=r'1 missing, e\.g\. \[1\].*run again'):
-        capfilt.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)
+        folder.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)
     (tmp_path / 'shards' / 'shard_000001.json').write_text('{}')
-    capfilt.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)   # all there: returns at once
+    folder.wait_for_shards(tmp_path, 2, timeout_s=0.05, poll_s=0.01)   # all there: returns at once
 
 
 def test_changed_settings_are_named_and_overwrite_starts_over(setup, full_run, tmp_path):
@@ -398,7 +402,7 @@ def test_changed_settings_are_named_and_overwrite_starts_over(setup, full_run, t
     (copy / 'shards').mkdir(parents=True)
     for f in (out / 'shards').iterdir():
         (copy / 'shards' / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(capfilt.ShardMismatchError, match=r'num_captions: \d+ -> 3'):
+    with pytest.raises(folder.ShardMismatchError, match=r'num_captions: \d+ -> 3'):
         run_capfilt(setup, copy, 'threshold=0.0', 'num_captions=3')
     summary = capfilt.main(['--config', str(setup['config']), '--output_dir', str(copy), '--device', 'cpu',
                             '--overwrite', '--options', 'threshold=0.0', 'num_captions=3'])

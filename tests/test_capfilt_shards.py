@@ -12,6 +12,7 @@ import webdataset as wds
 import capfilt
 import pretrain
 from data.shards import expand_shard_urls, iter_tar_samples, shard_count
+from engine.capfilt import folder, tar_shards
 import tests.test_capfilt as base
 
 N_WEB = base.N_WEB
@@ -63,8 +64,8 @@ def test_over_shards_scores_like_the_json_list_and_writes_shards(setup, shards, 
     listed = capfilt.main(['--config', str(setup['config']), '--output_dir', str(tmp_path / 'listed'), '--device',
                            'cpu', '--options', 'threshold=0.0', 'shard_size=5', 'keep=web'])
     assert listed['web_score_histogram']['counts'] == summary['web_score_histogram']['counts']
-    assert json.loads((out / capfilt.SUMMARY_FILE).read_text())['human_pairs'] == 3
-    page = (out / capfilt.REPORT_FILE).read_text()
+    assert json.loads((out / folder.SUMMARY_FILE).read_text())['human_pairs'] == 3
+    page = (out / folder.REPORT_FILE).read_text()
     assert 'data:image/jpeg;base64,' in page and '(unreadable)' not in page
 
 
@@ -74,12 +75,12 @@ def test_resumes_per_input_shard_and_remerges_a_new_threshold(setup, shards, sha
     run(setup, shards, again, 'threshold=0.0')
     (again / 'shards' / 'shard_000001.json').unlink()   # as if killed while shard 1 was being done
     done = []
-    real = capfilt.score_tar_shard
+    real = tar_shards.score_tar_shard
 
     def counting(shard, *a, **k):
         done.append(shard)
         return real(shard, *a, **k)
-    monkeypatch.setattr('capfilt.score_tar_shard', counting)
+    monkeypatch.setattr(tar_shards, 'score_tar_shard', counting)
     run(setup, shards, again, 'threshold=0.0')
     assert done == [1]
     for u in range(3):

@@ -20,7 +20,7 @@ from engine import distributed as du
 from engine.checkpoint_io import (NonFiniteWeightsError, atomic_torch_save, capture_rng_state, find_latest_checkpoint,
                                   load_training_state, restore_rng_state, save_checkpoint)
 from engine.config import CommonConfig, ConfigError, load_config, save_config
-from engine.loop import NonFiniteLossError, ResumableSampler, train_one_epoch
+from engine.loop import EpochPlan, NonFiniteLossError, ResumableSampler, StepPlan, train_one_epoch
 from engine.optim import cosine_lr, create_optimizer, step_lr, warmup_lr
 from models.checkpoint import CheckpointError
 
@@ -228,8 +228,8 @@ def _train(batch_size, accum, lr_fn=lambda s: 0.1, step_fn=_mse_step, **kw):
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(_Data(), batch_size=batch_size, shuffle=False)
-    stats = train_one_epoch(model, loader, opt, step_fn, epoch=0, lr_fn=lr_fn, device=torch.device('cpu'),
-                            accum_steps=accum, **kw)
+    stats = train_one_epoch(model, loader, StepPlan(step_fn, opt, lr_fn, accum_steps=accum, **kw), EpochPlan(0),
+                            torch.device('cpu'))
     return model, opt, stats
 
 
@@ -289,8 +289,9 @@ def test_non_finite_loss_stops_before_the_update_naming_the_step(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(_Data(), batch_size=4)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3 step 2: \{'loss': nan\}"):
-        train_one_epoch(model, loader, opt, step_fn, epoch=3, lr_fn=lambda s: 0.1, device=torch.device('cpu'),
-                        save_every_steps=1, save_fn=lambda step, totals: saved.append(step))
+        train_one_epoch(model, loader, StepPlan(step_fn, opt, lambda s: 0.1),
+                        EpochPlan(3, save_every_steps=1, save_fn=lambda step, totals: saved.append(step)),
+                        torch.device('cpu'))
     assert saved == [1, 2]  # checkpoints only after the good steps 0 and 1, none after the NaN
     assert torch.isfinite(model.weight).all()
 
@@ -333,9 +334,9 @@ def test_loop_resumes_mid_epoch_to_the_same_weights():
             opt.load_state_dict(pickle.loads(opt_state))
             start = step
         try:
-            stats = train_one_epoch(model, loader, opt, _mse_step, epoch=0, lr_fn=lambda s: 0.1,
-                                    device=torch.device('cpu'), start_step=start, save_every_steps=1, save_fn=save,
-                                    start_totals=totals)
+            stats = train_one_epoch(model, loader, StepPlan(_mse_step, opt, lambda s: 0.1),
+                                    EpochPlan(0, start_step=start, start_totals=totals, save_every_steps=1,
+                                              save_fn=save), torch.device('cpu'))
         except KeyboardInterrupt:
             return None, states
         return (model, stats), states
@@ -518,15 +519,15 @@ def test_best_score_survives_resume(tmp_path):
     """``Run.improved`` keeps the best score and epoch in every checkpoint; after ``--resume`` a worse epoch
     is not taken for the best (it used to restart from -1 and overwrite checkpoint_best.pth)."""
     from engine.runner import Run
-    run = Run.__new__(Run)       # only the progress bookkeeping is exercised
-    run.progress = {}
+    run = Run.__new__(Run)       # only the resume-state bookkeeping is exercised
+    run.resume_state = {}
     assert run.improved(0.5, 0) and not run.improved(0.4, 1) and run.improved(0.7, 2) and run.best_epoch == 2
     model = torch.nn.Linear(3, 2)
-    save_checkpoint(tmp_path / 'last.pth', model, None, {}, 2, 3, 0, progress=run.progress)
+    save_checkpoint(tmp_path / 'last.pth', model, None, {}, 2, 3, 0, progress=run.resume_state)
     resumed = Run.__new__(Run)
-    resumed.progress = {}
-    load_training_state(tmp_path / 'last.pth', model, None, progress=resumed.progress)
-    assert resumed.progress == {'best': 0.7, 'best_epoch': 2}
+    resumed.resume_state = {}
+    load_training_state(tmp_path / 'last.pth', model, None, progress=resumed.resume_state)
+    assert resumed.resume_state == {'best': 0.7, 'best_epoch': 2}
     assert not resumed.improved(0.6, 3) and resumed.best_epoch == 2
 
 

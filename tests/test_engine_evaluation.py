@@ -1,5 +1,6 @@
-"""engine/evaluation.py: retrieval (image and video) against a plain implementation of the original protocol,
-recall metrics on hand-made matrices, result-file merging, COCO caption metrics (Java), VQA accuracy."""
+"""The evaluation modules: engine/retrieval_eval.py (image and video) against a plain implementation of the original
+protocol and its recall metrics on hand-made matrices, engine/results.py (result-file merging),
+engine/caption_metrics.py (COCO caption metrics, Java), engine/vqa_eval.py (VQA accuracy)."""
 import json
 import os
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from engine import distributed as du
-from engine import evaluation as ev
+from engine import caption_metrics, results, retrieval_eval, vqa_eval
 from models.blip_retrieval import BLIP_Retrieval
 from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
 
@@ -110,7 +111,8 @@ def assert_same_scores(got, want):
 def test_evaluation_retrieval_equals_the_original_protocol(model, k, itm_chunk):
     ds = FakeRetrievalSet(CAPTIONS)
     loader = DataLoader(ds, batch_size=4)
-    got_i2t, got_t2i = ev.evaluation_retrieval(model, loader, model.tokenizer, 'cpu', k, itm_chunk=itm_chunk)
+    got_i2t, got_t2i = retrieval_eval.evaluation_retrieval(model, loader, model.tokenizer, 'cpu', k,
+                                                           itm_chunk=itm_chunk)
     want_i2t, want_t2i = brute_force(model, torch.stack(ds.items), ds.text, k)
     assert got_i2t.shape == (6, 14) and got_t2i.shape == (14, 6)
     assert_same_scores(got_i2t, want_i2t)
@@ -127,12 +129,12 @@ def test_rank_shares_sum_to_the_one_process_matrices(model, monkeypatch):
     """Each (image, text) entry belongs to exactly one rank: the all-reduce sum is exact (simulated ranks)."""
     ds = FakeRetrievalSet(CAPTIONS)
     loader = DataLoader(ds, batch_size=4)
-    full = ev.evaluation_retrieval(model, loader, model.tokenizer, 'cpu', 3)
+    full = retrieval_eval.evaluation_retrieval(model, loader, model.tokenizer, 'cpu', 3)
     shares = []
     for rank in (0, 1, 2):
         monkeypatch.setattr(du, 'get_rank', lambda rank=rank: rank)
         monkeypatch.setattr(du, 'get_world_size', lambda: 3)
-        shares.append(ev.evaluation_retrieval(model, loader, model.tokenizer, 'cpu', 3))
+        shares.append(retrieval_eval.evaluation_retrieval(model, loader, model.tokenizer, 'cpu', 3))
     for d in (0, 1):
         np.testing.assert_allclose(sum(s[d] for s in shares), full[d], atol=1e-5, rtol=0)
         owned = [np.arange(6) % 3 == r for r in range(3)]
@@ -146,12 +148,12 @@ def test_evaluation_retrieval_video_equals_the_original_protocol(model):
     ds.txt2video, ds.video2txt = list(range(5)), list(range(5))
     loader = DataLoader(ds, batch_size=2)
     for k in (2, 10):
-        got_v2t, got_t2v = ev.evaluation_retrieval_video(model, loader, model.tokenizer, 'cpu', k)
+        got_v2t, got_t2v = retrieval_eval.evaluation_retrieval_video(model, loader, model.tokenizer, 'cpu', k)
         want_v2t, want_t2v = brute_force(model, torch.stack(ds.items), ds.text, k, video=True)
         assert got_v2t.shape == (5, 5) and got_t2v.shape == (5, 5)
         assert_same_scores(got_v2t, want_v2t)
         assert_same_scores(got_t2v, want_t2v)
-    stats = ev.itm_eval_video(got_v2t, got_t2v, ds.txt2video, ds.video2txt)
+    stats = retrieval_eval.itm_eval_video(got_v2t, got_t2v, ds.txt2video, ds.video2txt)
     assert set(stats) == {'txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'vid_r1', 'vid_r5', 'vid_r10',
                           'vid_r_mean', 'vid_mdR', 'r_mean'}
     assert stats['txt_r5'] == stats['vid_r5'] == 100.0  # 5 videos: everything is within the top 5
@@ -169,7 +171,7 @@ def test_itm_eval_known_ranks():
                     [0.0, 0.9, 0.1],               # rank 0
                     [0.5, 0.4, 0.3],               # rank 1
                     [0.0, 0.1, 0.2]])              # rank 0
-    out = ev.itm_eval(i2t, t2i, txt2img, img2txt)
+    out = retrieval_eval.itm_eval(i2t, t2i, txt2img, img2txt)
     assert out['txt_r1'] == pytest.approx(100 / 3) and out['txt_r5'] == 100 and out['txt_r10'] == 100
     assert out['img_r1'] == pytest.approx(60) and out['img_r5'] == 100
     assert out['txt_r_mean'] == pytest.approx((100 / 3 + 200) / 3)
@@ -187,7 +189,7 @@ def test_itm_eval_video_median_rank():
         order = [v for v in range(n) if v != t]
         order.insert(r, t)
         t2v[t, order] = np.arange(n, 0, -1)
-    out = ev.itm_eval_video(v2t, t2v, list(range(n)), list(range(n)))
+    out = retrieval_eval.itm_eval_video(v2t, t2v, list(range(n)), list(range(n)))
     assert out['txt_r1'] == 100
     assert out['vid_r1'] == pytest.approx(200 / 12) and out['vid_r5'] == pytest.approx(600 / 12)
     assert out['vid_r10'] == pytest.approx(1000 / 12)
@@ -203,7 +205,7 @@ def test_save_result_merges_ranks_in_order_and_drops_duplicates(tmp_path, monkey
     for rank in (1, 0):  # rank 1 writes its shard first; rank 0 merges after the (no-op) barrier
         monkeypatch.setattr(du, 'get_rank', lambda rank=rank: rank)
         monkeypatch.setattr(du, 'is_main_process', lambda rank=rank: rank == 0)
-        path = ev.save_result(shards[rank], tmp_path / 'res', 'val_epoch0', remove_duplicate='image_id')
+        path = results.save_result(shards[rank], tmp_path / 'res', 'val_epoch0', remove_duplicate='image_id')
     assert path == str(tmp_path / 'res' / 'val_epoch0.json')
     assert json.loads((tmp_path / 'res' / 'val_epoch0.json').read_text()) == [
         {'image_id': 3, 'caption': 'a'}, {'image_id': 1, 'caption': 'b'}, {'image_id': 2, 'caption': 'c'}]
@@ -213,10 +215,10 @@ def test_save_result_merges_ranks_in_order_and_drops_duplicates(tmp_path, monkey
 
 def test_save_result_keeps_duplicates_without_a_key(tmp_path):
     rows = [{'question_id': 1, 'answer': 'yes'}, {'question_id': 1, 'answer': 'yes'}]
-    path = ev.save_result(rows, tmp_path, 'vqa_result')
+    path = results.save_result(rows, tmp_path, 'vqa_result')
     assert json.loads(open(path).read()) == rows
     with pytest.raises(KeyError, match='image_id'):
-        ev.save_result(rows, tmp_path, 'x', remove_duplicate='image_id')
+        results.save_result(rows, tmp_path, 'x', remove_duplicate='image_id')
 
 
 def test_result_files_get_the_umask_permissions_not_private_ones(tmp_path):
@@ -224,7 +226,7 @@ def test_result_files_get_the_umask_permissions_not_private_ones(tmp_path):
     # research group (or by the account that uploads a VQA result to EvalAI)
     old = os.umask(0o022)
     try:
-        path = ev.save_result([{'image_id': 1, 'caption': 'a'}], tmp_path, 'val')
+        path = results.save_result([{'image_id': 1, 'caption': 'a'}], tmp_path, 'val')
     finally:
         os.umask(old)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -251,10 +253,10 @@ def test_coco_caption_eval_perfect_captions_and_missing_spice(tmp_path, monkeypa
     (tmp_path / 'gt.json').write_text(json.dumps(gt))
     results = [{'image_id': i, 'caption': GT_CAPTIONS[i][0]} for i in (1, 2, 3)]
     (tmp_path / 'res.json').write_text(json.dumps(results))
-    scorers = [(f, n) if n != ('SPICE',) else (_spice_unavailable, n) for f, n in ev.CAPTION_SCORERS]
-    monkeypatch.setattr(ev, 'CAPTION_SCORERS', scorers)
+    scorers = [(f, n) if n != ('SPICE',) else (_spice_unavailable, n) for f, n in caption_metrics.CAPTION_SCORERS]
+    monkeypatch.setattr(caption_metrics, 'CAPTION_SCORERS', scorers)
     with pytest.warns(RuntimeWarning, match='SPICE unavailable.*offline'):
-        out = ev.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'))
+        out = caption_metrics.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'))
     assert out['SPICE'] is None
     assert set(out) == {'Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE'}
     assert all(type(v) is float for k, v in out.items() if k != 'SPICE')
@@ -266,12 +268,12 @@ def test_coco_caption_eval_required_metric_failure_is_raised(tmp_path, monkeypat
     gt = {'images': [{'id': 1}], 'annotations': [{'image_id': 1, 'id': 1, 'caption': 'a dog'}]}
     (tmp_path / 'gt.json').write_text(json.dumps(gt))
     (tmp_path / 'res.json').write_text(json.dumps([{'image_id': 1, 'caption': 'a dog'}]))
-    monkeypatch.setattr(ev, 'CAPTION_SCORERS', [(_spice_unavailable, ('CIDEr',))])
+    monkeypatch.setattr(caption_metrics, 'CAPTION_SCORERS', [(_spice_unavailable, ('CIDEr',))])
     with pytest.raises(OSError, match='offline'):
-        ev.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'))
-    monkeypatch.setattr(ev.shutil, 'which', lambda name: None)
+        caption_metrics.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'))
+    monkeypatch.setattr(caption_metrics.shutil, 'which', lambda name: None)
     with pytest.raises(RuntimeError, match='needs Java'):
-        ev.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'))
+        caption_metrics.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'))
 
 
 # ------------------------------------------------------------------------------------------------ VQA
@@ -281,7 +283,7 @@ def test_vqa_accuracy_leave_one_out(n_match, expected):
     # per subset of 9 annotators: min(1, matches / 3); leaving out a matching annotator removes one match
     answers = ['two'] * n_match + ['three'] * (10 - n_match)
     ann = [{'question_id': 7, 'answer': answers}]
-    assert ev.vqa_accuracy([{'question_id': 7, 'answer': '2'}], ann) == pytest.approx(expected)
+    assert vqa_eval.vqa_accuracy([{'question_id': 7, 'answer': '2'}], ann) == pytest.approx(expected)
 
 
 def test_vqa_accuracy_normalisation_averaging_and_errors():
@@ -291,11 +293,11 @@ def test_vqa_accuracy_normalisation_averaging_and_errors():
     res = [{'question_id': 1, 'answer': 't shirt'}, {'question_id': 2, 'answer': 'Dog'},
            {'question_id': 3, 'answer': 'no'}]
     # q2: 3 answers, leave-one-out keeps 2 matches of 3 -> 2/3 each
-    assert ev.vqa_accuracy(res, ann) == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
-    assert ev.normalize_vqa_answer("Dont know, 1,000 Apples.") == "don't know 1000 apples"
-    assert ev.normalize_vqa_answer('3.5 ten') == '3.5 10'
+    assert vqa_eval.vqa_accuracy(res, ann) == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
+    assert vqa_eval.normalize_vqa_answer("Dont know, 1,000 Apples.") == "don't know 1000 apples"
+    assert vqa_eval.normalize_vqa_answer('3.5 ten') == '3.5 10'
     with pytest.raises(KeyError, match='question_id 99'):
-        ev.vqa_accuracy([{'question_id': 99, 'answer': 'yes'}], ann)
+        vqa_eval.vqa_accuracy([{'question_id': 99, 'answer': 'yes'}], ann)
 
 
 def test_caption_evaluation_is_quiet_and_an_unavailable_spice_is_tried_and_warned_about_once(tmp_path, monkeypatch,
@@ -315,11 +317,12 @@ def test_caption_evaluation_is_quiet_and_an_unavailable_spice_is_tried_and_warne
         print('Downloading stanford-corenlp-3.6.0 for SPICE ...')
         raise OSError('offline')
 
-    scorers = [(f, n) if n != ('SPICE',) else (spice_offline, n) for f, n in ev.CAPTION_SCORERS]
+    scorers = [(f, n) if n != ('SPICE',) else (spice_offline, n) for f, n in caption_metrics.CAPTION_SCORERS]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         for _ in range(4):  # val and test of two epochs
-            out = ev.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'), scorers=scorers)
+            out = caption_metrics.coco_caption_eval(str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'),
+                                                    scorers=scorers)
             assert out['SPICE'] is None and out['CIDEr'] is not None
     assert len(tries) == 1 and len([w for w in caught if 'SPICE' in str(w.message)]) == 1
     printed = capfd.readouterr().out

@@ -20,29 +20,10 @@ from models.blip_vqa import BLIP_VQA  # noqa: E402
 from models.convert_hf import export_to_hf, main as convert_main  # noqa: E402
 from models.exportable import ExportError, infer_task  # noqa: E402
 from models.generation import generate  # noqa: E402
-from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT  # noqa: E402
+from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT, WIDE_VIT, randomize, save_tiny as save  # noqa: E402
 
 DEC, ENC, SEP = 30522, 30523, 102
-WIDE_VIT = {'embed_dim': 48, 'depth': 2, 'num_heads': 3, 'patch_size': 8}  # stands in for ViT-L: wider than text
 REF = Path(__file__).parent / 'reference_keys'
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights that move the outputs (the default init leaves tiny models' logits nearly flat)."""
-    torch.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if 'norm' in name.lower() and name.endswith('weight'):
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        else:
-            p.normal_(0, 0.2)
-    return model.eval()
-
-
-def save(model, path: Path, vit=TINY_VIT, image_size=TINY_IMAGE) -> Path:
-    config = {'vit': dict(vit), 'image_size': image_size, 'med_config': dict(TINY_MED)}
-    torch.save({'model': model.state_dict(), 'config': config}, path)
-    return path
 
 
 def pil_images(n: int, size: int = 50, seed: int = 0) -> list:

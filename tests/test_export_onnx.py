@@ -19,28 +19,10 @@ from models.blip_itm import BLIP_ITM  # noqa: E402
 from models.export_onnx import main as export_main  # noqa: E402
 from models.generation import generate  # noqa: E402
 from models.onnx_generate import OnnxCaptioner, main as caption_main  # noqa: E402
-from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT  # noqa: E402
+from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT, WIDE_VIT, randomize, save_tiny as save  # noqa: E402
 
-WIDE_VIT = {'embed_dim': 48, 'depth': 2, 'num_heads': 3, 'patch_size': 8}
 SEP = 102
 TOL = 1e-4
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if 'norm' in name.lower() and name.endswith('weight'):
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        else:
-            p.normal_(0, 0.2)
-    return model.eval()
-
-
-def save(model, path, vit, image_size):
-    torch.save({'model': model.state_dict(),
-                'config': {'vit': dict(vit), 'image_size': image_size, 'med_config': dict(TINY_MED)}}, path)
-    return path
 
 
 def session(folder, name):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data.toy import ensure_toy_dataset
-from engine.evaluation import vqa_accuracy
+from engine.vqa_eval import vqa_accuracy
 from tests.toy_runs import run
 
 pytestmark = pytest.mark.learning

@@ -20,6 +20,7 @@ import torch
 from data.toy import ensure_toy_dataset
 from tests.test_scripts import argv
 from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT
+from tests.toy_runs import script_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,14 +31,10 @@ def toy(module_dir) -> Path:
                               video_frames=2)
 
 
-def _env() -> dict:
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
-
-
 def _torchrun(script: str, args: list[str], launcher: list[str] | None = None, timeout: int = 600):
     cmd = [sys.executable, '-m', 'torch.distributed.run', *(launcher or ['--standalone', '--nproc_per_node=2']),
            str(ROOT / f'{script}.py'), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait(*procs, timeout: int = 600) -> str:
@@ -187,8 +184,8 @@ def test_checkpoint_loads_into_fsdp_and_gathers_back_unchanged(tmp_path):
     script = tmp_path / 'round_trip.py'
     script.write_text(ROUND_TRIP.format(root=str(ROOT), file=str(tmp_path / 'ck.pth')))
     out = _wait(subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                  str(script)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True))
+                                  str(script)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True))
     assert 'ROUND TRIP OK' in out
 
 

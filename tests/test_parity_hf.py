@@ -27,7 +27,7 @@ from models.checkpoint import load_checkpoint  # noqa: E402
 from models.convert_hf import (blip_to_hf, blip_to_hf_dropped, hf_config_to_blip_kwargs, hf_to_blip,  # noqa: E402
                                load_hf_blip, main as convert_main)
 from models.generation import generate  # noqa: E402
-from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT  # noqa: E402
+from tests.tiny import TINY_IMAGE, TINY_MED, TINY_VIT, randomize  # noqa: E402
 
 SEP, PAD, DEC = 102, 0, 30522
 CAPTION_PROMPT = [DEC, 1037, 3861, 1997]  # "[DEC] a picture of"
@@ -46,18 +46,6 @@ def tiny_hf_config() -> BlipConfig:
                          num_hidden_layers=t['num_hidden_layers'], num_attention_heads=t['num_attention_heads'],
                          vocab_size=30524, max_position_embeddings=t['max_position_embeddings'], layer_norm_eps=1e-12,
                          hidden_act='gelu', label_smoothing=0.1, bos_token_id=DEC, sep_token_id=SEP, pad_token_id=PAD))
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """HF initialises the ViT with std 1e-10: replace every weight by something that moves the output."""
-    torch.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if 'norm' in name.lower() and name.endswith('weight'):
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        else:
-            p.normal_(0, 0.2)
-    return model.eval()
 
 
 @torch.no_grad()

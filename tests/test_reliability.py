@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from data.toy import ensure_toy_dataset
+from tests.toy_runs import script_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,16 +35,12 @@ def caption_argv(toy: Path, out: Path, *extra: str, options: tuple = ()) -> list
             'max_length=6', 'num_beams=1', 'max_epoch=1', *options]
 
 
-def _env() -> dict:
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
-
-
 # ------------------------------------------------------------------------------------------ output folder lock
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = ('import sys, time; from engine.lock import lock_output_dir; lock_output_dir(sys.argv[1]); '
             'print("held", flush=True); time.sleep(120)')
-    holder = subprocess.Popen([sys.executable, '-c', code, str(folder)], cwd=ROOT, env=_env(),
+    holder = subprocess.Popen([sys.executable, '-c', code, str(folder)], cwd=ROOT, env=script_env(),
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'held'
     return holder
@@ -204,7 +201,7 @@ def test_a_failing_evaluation_keeps_the_trained_epoch(toy, tmp_path, monkeypatch
     trained_steps = []
     from engine import runner
     train = runner.train_one_epoch
-    monkeypatch.setattr(runner, 'train_one_epoch', lambda *a, **kw: trained_steps.append(kw['start_step']) or train(*a, **kw))
+    monkeypatch.setattr(runner, 'train_one_epoch', lambda *a: trained_steps.append(a[3].start_step) or train(*a))
     stats = train_caption.main(caption_argv(toy, out, '--resume', 'auto'))
     assert trained_steps == [steps] and stats['epoch'] == 0 and 'val_CIDEr' in stats and stats['train_loss'] > 0
 
@@ -277,7 +274,7 @@ def test_evaluation_only_scripts_refuse_resume_and_overwrite(tmp_path, capsys):
 def _script(args: list[str], torchrun: bool = False, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
         else [sys.executable]
-    return subprocess.run([*launcher, *args], cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True,
+    return subprocess.run([*launcher, *args], cwd=ROOT, env={**script_env(), **(env or {})}, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -7,7 +7,6 @@ With ``num_workers > 0`` the same holds since each sample's augmentation is seed
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from data.toy import ensure_toy_dataset
+from tests.toy_runs import script_env as _env, steps_logged as _steps_logged
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,17 +35,6 @@ def pretrain_cmd(toy: Path, out: Path, *extra: str) -> list[str]:
             f'train_file=[{r}/annotation/coco_karpathy_train.json, {r}/annotation/pretrain_noisy.json]',
             f'image_root={r}/images', 'num_workers=0', 'image_size=32', 'batch_size=8', 'queue_size=16',
             'warmup_steps=3', 'max_epoch=2', 'save_every_steps=2', 'log_every=1']
-
-
-def _env() -> dict:
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
-
-
-def _steps_logged(out: Path) -> list[tuple[int, int]]:
-    path = out / 'train_log.jsonl'
-    if not path.exists():
-        return []
-    return [(r['epoch'], r['step']) for r in map(json.loads, path.read_text().splitlines())]
 
 
 def _final_weights(out: Path) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from data.toy import ensure_toy_dataset
+from tests.toy_runs import script_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,10 +137,9 @@ def test_compile_config_key_compiles_the_layers_and_trains(toy, tmp_path, monkey
 
 
 def _torchrun(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            str(ROOT / f'{script}.py'), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f'{script} under torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
     return proc
 

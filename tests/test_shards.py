@@ -28,6 +28,7 @@ from data.shards import (DirtLimits, Shard, ShardCollate, ShardProgress, ShardSt
                          json_shards, shard_count, to_rgb)
 from data.toy import ensure_toy_dataset, ensure_toy_shards
 from transform import create_transforms
+from tests.toy_runs import script_env as _env, steps_logged as _steps_logged
 
 N_WEB = 24
 
@@ -318,17 +319,6 @@ def pretrain_cmd(toy: Path, out: Path, source: str, *extra: str) -> list[str]:
             '--output_dir', str(out), '--device', 'cpu', *extra, '--options', f'toy_root={toy}', *data,
             f'image_root={toy}/images', 'num_workers=2', 'image_size=32', 'batch_size=4', 'queue_size=8',
             'warmup_steps=3', 'max_epoch=2', 'save_every_steps=2', 'log_every=1']
-
-
-def _env() -> dict:
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT)}
-
-
-def _steps_logged(out: Path) -> list[tuple[int, int]]:
-    path = out / 'train_log.jsonl'
-    if not path.exists():
-        return []
-    return [(r['epoch'], r['step']) for r in map(json.loads, path.read_text().splitlines())]
 
 
 @pytest.mark.parametrize('source', ['json', 'shards'])

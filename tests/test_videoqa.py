@@ -17,7 +17,7 @@ from data.loading import AnnotationError
 from data.toy import ensure_toy_dataset
 from data.video_dataset import read_frames, sample_frame_indices
 from data.videoqa_dataset import videoqa_dataset
-from engine.evaluation import vqa_accuracy
+from engine.vqa_eval import vqa_accuracy
 from models.blip_vqa import blip_vqa
 from models.video_qa import answer_video_questions, encode_video, tokenize_candidates
 from tests.tiny import TINY_MED, TINY_VIT

@@ -1,15 +1,7 @@
-"""Evaluation helpers shared by the task scripts: result files, COCO caption metrics, image/video retrieval
-(ITC top-k + ITM re-rank, the original protocol, computed fast) and VQA accuracy.
+"""Image-text and text-video retrieval evaluation: the original ITC top-k + ITM re-rank protocol, computed fast.
 
-Public API (called by train_caption.py, eval_nocaps.py, train_retrieval.py, eval_retrieval_video.py,
-train_vqa.py):
-
-  * ``save_result``            per-rank JSON files merged (and de-duplicated) by rank 0 (reference 7.5);
-  * ``coco_caption_eval``      Bleu_1-4, METEOR, ROUGE_L, CIDEr, SPICE with pycocoevalcap; SPICE is optional
-                               (its CoreNLP models are downloaded on first use, impossible offline);
-  * ``evaluation_retrieval``   / ``itm_eval``              image-text retrieval (reference 8.5);
-  * ``evaluation_retrieval_video`` / ``itm_eval_video``    zero-shot text-video retrieval (reference 8.9);
-  * ``vqa_accuracy``           the standard 10-annotator VQA accuracy, computed locally.
+Public API: ``evaluation_retrieval`` / ``itm_eval`` (image-text, reference 8.5), ``evaluation_retrieval_video`` /
+``itm_eval_video`` (zero-shot text-video, reference 8.9), and the gallery feature hooks.
 
 Retrieval scores are the original's: ``score[i, t] = itm_logit(i, t) + sim(i, t)`` for the top-``k_test``
 candidates of each query (texts per image for i2t, images per text for t2i), -100 elsewhere. Layouts as
@@ -29,214 +21,22 @@ What differs from the original is only how those numbers are computed (same valu
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import os
-import re
-import shutil
-import socket
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.atomic import atomic_write
 from engine import distributed as du
 from engine.precision import autocast as _autocast
 
-__all__ = ['save_result', 'coco_caption_eval', 'CAPTION_SCORERS', 'OPTIONAL_CAPTION_METRICS',
-           'evaluation_retrieval', 'itm_eval', 'evaluation_retrieval_video', 'itm_eval_video',
-           'image_gallery_features', 'video_gallery_features', 'normalize_vqa_answer', 'vqa_accuracy']
+__all__ = ['evaluation_retrieval', 'itm_eval', 'evaluation_retrieval_video', 'itm_eval_video',
+           'image_gallery_features', 'video_gallery_features']
 
 TEXT_MAX_LENGTH = 35   # tokens per caption in the retrieval protocol (original)
 FILL = -100.0          # score of a pair that is not among a query's top-k candidates (original)
-
-
-# ================================================================================================ result files
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    with atomic_write(path, binary=False) as f:
-        json.dump(obj, f)
-
-
-def _drop_duplicates(entries: list, key: str) -> list:
-    """Keep the first entry of every ``key`` value: distributed samplers pad shards with repeated items."""
-    seen, kept = set(), []
-    for n, entry in enumerate(entries):
-        if key not in entry:
-            raise KeyError(f'save_result: entry {n} has no key {key!r} to de-duplicate on: {entry!r}')
-        value = entry[key]
-        if value not in seen:
-            seen.add(value)
-            kept.append(entry)
-    return kept
-
-
-def save_result(result: list, result_dir: Union[str, os.PathLike], filename: str, remove_duplicate: str = '') -> str:
-    """Merge every rank's results into ``{result_dir}/{filename}.json`` and return that path (on every rank).
-
-    Each rank writes ``{filename}_rank{r}.json``; after a barrier rank 0 concatenates them in rank order,
-    keeps the first entry per ``remove_duplicate`` key when one is given, and writes the merged file
-    atomically. A second barrier makes the merged file readable by every rank on return.
-    """
-    folder = Path(result_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(folder / f'{filename}_rank{du.get_rank()}.json', list(result))
-    du.barrier()
-    final = folder / f'{filename}.json'
-    if du.is_main_process():
-        merged: list = []
-        for r in range(du.get_world_size()):
-            with open(folder / f'{filename}_rank{r}.json') as f:
-                merged.extend(json.load(f))
-        if remove_duplicate:
-            merged = _drop_duplicates(merged, remove_duplicate)
-        _write_json_atomic(final, merged)
-        print(f'result file saved to {final}')
-    du.barrier()
-    return str(final)
-
-
-# ================================================================================================ captions
-
-def _bleu():
-    from pycocoevalcap.bleu.bleu import Bleu
-    return Bleu(4)
-
-
-def _meteor():
-    from pycocoevalcap.meteor.meteor import Meteor
-    return Meteor()
-
-
-def _rouge():
-    from pycocoevalcap.rouge.rouge import Rouge
-    return Rouge()
-
-
-def _cider():
-    from pycocoevalcap.cider.cider import Cider
-    return Cider()
-
-
-def _spice():
-    from pycocoevalcap.spice.spice import Spice
-    # the constructor downloads Stanford CoreNLP (~400 MB) when missing: bound the wait on a dead network
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)
-    try:
-        return Spice()
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-# (factory, metric names it returns). Module-level so tests (or users without SPICE) can replace entries.
-CAPTION_SCORERS: list[tuple[Callable[[], Any], tuple[str, ...]]] = [
-    (_bleu, ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')),
-    (_meteor, ('METEOR',)),
-    (_rouge, ('ROUGE_L',)),
-    (_cider, ('CIDEr',)),
-    (_spice, ('SPICE',)),
-]
-# Metrics reported as None (with a warning) when their scorer fails, instead of failing the evaluation.
-OPTIONAL_CAPTION_METRICS = frozenset({'SPICE'})
-# Optional scorers that failed in this process, and why: not retried (SPICE's CoreNLP download was attempted and
-# warned about 8 times per run), warned about once.
-_FAILED_OPTIONAL: dict[tuple, str] = {}  # (factory, names) -> why
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """pycocotools and the scorers print progress ('loading annotations into memory...', 'creating index...',
-    Bleu's lengths, SPICE's download notice): ~40 lines per evaluation, kept out of the run's output."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def _require_java() -> None:
-    """PTBTokenizer, METEOR and SPICE are Java programs: fail early with the fix rather than deep inside."""
-    if shutil.which('java') is None:
-        raise RuntimeError('coco_caption_eval needs Java on PATH (pycocoevalcap runs the Stanford PTB tokenizer '
-                           'and METEOR as Java programs): install a JRE, e.g. `apt-get install -y '
-                           'default-jre-headless`')
-
-
-def _load_caption_pairs(gt_file: str, results_file: str) -> tuple[dict, dict]:
-    """GT and result captions per image id, restricted to the images present in the results."""
-    from pycocotools.coco import COCO
-    with open(results_file) as f:
-        results = json.load(f)
-    if not results:
-        raise ValueError(f'coco_caption_eval: {results_file} holds no captions')
-    with _quiet_stdout():
-        coco = COCO(gt_file)
-    missing = sorted({r['image_id'] for r in results} - set(coco.getImgIds()))
-    if missing:
-        raise ValueError(f'coco_caption_eval: image ids {missing[:10]} of {results_file} are not in {gt_file}')
-    with _quiet_stdout():
-        coco_res = coco.loadRes(results_file)
-    img_ids = coco_res.getImgIds()
-    gts = {i: coco.imgToAnns[i] for i in img_ids}
-    res = {i: coco_res.imgToAnns[i] for i in img_ids}
-    return gts, res
-
-
-def _run_scorer(factory: Callable[[], Any], names: Sequence[str], gts: dict, res: dict) -> dict:
-    """One scorer's corpus-level metrics as plain floats."""
-    with _quiet_stdout():
-        scorer = factory()
-        score, _ = scorer.compute_score(gts, res)
-    values = score if len(names) > 1 else [score]
-    return {name: float(v) for name, v in zip(names, values)}
-
-
-def coco_caption_eval(gt_file: str, results_file: str,
-                      scorers: Optional[Sequence[tuple[Callable[[], Any], Sequence[str]]]] = None) -> dict:
-    """COCO caption metrics of ``results_file`` (``[{"image_id", "caption"}]``) against a COCO-format GT file.
-
-    Only the images present in the results are scored. Every scorer runs on its own (rather than through
-    ``COCOEvalCap``) so that an optional metric (SPICE, which needs a CoreNLP download on first use) that
-    fails is reported as None with a warning while the other metrics are still returned.
-
-    Args:
-        scorers: ``[(factory, metric names)]``; default ``CAPTION_SCORERS``.
-
-    Returns:
-        ``{'Bleu_1'..'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE'}`` -> float (or None for a failed optional one).
-    """
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    _require_java()
-    gts, res = _load_caption_pairs(gt_file, results_file)
-    tokenizer = PTBTokenizer()
-    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-    metrics: dict = {}
-    for factory, names in (CAPTION_SCORERS if scorers is None else scorers):
-        names = tuple(names)
-        optional = set(names) <= OPTIONAL_CAPTION_METRICS
-        if optional and (factory, names) in _FAILED_OPTIONAL:  # failed before in this run: not tried (nor warned) again
-            metrics.update({name: None for name in names})
-            continue
-        try:
-            metrics.update(_run_scorer(factory, names, gts, res))
-        except Exception as e:  # noqa: BLE001 - any failure of an optional metric is reported, not fatal
-            if not optional:
-                raise
-            _FAILED_OPTIONAL[factory, names] = f'{type(e).__name__}: {e}'
-            warnings.warn(f'{"/".join(names)} unavailable ({type(e).__name__}: {e}); reported as None for the '
-                          f'rest of this run', RuntimeWarning, stacklevel=2)
-            metrics.update({name: None for name in names})
-    for name, value in metrics.items():
-        print(f'{name}: {"n/a" if value is None else f"{value:.3f}"}')
-    return metrics
-
-
-# ================================================================================================ retrieval
 
 GalleryHook = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -508,86 +308,3 @@ def itm_eval_video(score_v2t: np.ndarray, score_t2v: np.ndarray, txt2vmr: Sequen
     out['vid_mdR'] = float(np.median(vid_ranks + 1))
     out['r_mean'] = (out['txt_r_mean'] + out['vid_r_mean']) / 2
     return out
-
-
-# ================================================================================================ VQA
-
-# A documented subset of the official VQA answer normalisation (VQA v2 evaluation code's rules).
-_NUMBER_WORDS = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5',
-                 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
-_ARTICLES = frozenset({'a', 'an', 'the'})
-_CONTRACTIONS = {'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldnt': "couldn't", 'didnt': "didn't",
-                 'doesnt': "doesn't", 'dont': "don't", 'hadnt': "hadn't", 'hasnt': "hasn't", 'havent': "haven't",
-                 'hes': "he's", 'im': "i'm", 'isnt': "isn't", 'itd': "it'd", 'itll': "it'll", "let's": "let's",
-                 'shouldnt': "shouldn't", 'thats': "that's", 'theres': "there's", 'theyre': "they're",
-                 'wasnt': "wasn't", 'werent': "weren't", 'whats': "what's", 'wont': "won't", 'wouldnt': "wouldn't",
-                 'youre': "you're", 'youve': "you've"}
-_PUNCT = r"""[;/\[\]"{}()=+\\_\-><@`,?!*#%&^|~:]"""
-_DIGIT_COMMA = re.compile(r'(?<=\d),(?=\d)')
-_PERIOD_NOT_DECIMAL = re.compile(r'(?<!\d)\.|\.(?!\d)')   # keeps decimal points only
-_INNER_PUNCT = re.compile(rf'(?<=\w){_PUNCT}(?=\w)')
-_ANY_PUNCT = re.compile(_PUNCT)
-
-
-def normalize_vqa_answer(answer: str) -> str:
-    """Lower-case; ``1,000`` -> ``1000``; periods dropped unless decimal points; punctuation inside a word ->
-    space (``t-shirt`` -> ``t shirt``), elsewhere removed; number words zero..ten -> digits; articles a/an/the
-    dropped; common apostrophe-less contractions restored (``dont`` -> ``don't``); whitespace collapsed.
-
-    Unlike the official script, which normalises only when the annotators disagree, this is always applied
-    (to the prediction and to every annotator answer): answers that differ only in these respects match.
-    """
-    s = answer.replace('\n', ' ').replace('\t', ' ').strip().lower()
-    s = _DIGIT_COMMA.sub('', s)
-    s = _PERIOD_NOT_DECIMAL.sub('', s)
-    s = _INNER_PUNCT.sub(' ', s)
-    s = _ANY_PUNCT.sub('', s)
-    words = []
-    for w in s.split():
-        w = _NUMBER_WORDS.get(w, w)
-        if w in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(w, w))
-    return ' '.join(words)
-
-
-def _annotator_answers(entry: Mapping) -> list[str]:
-    """An annotation's answers: a list of strings, a list of ``{'answer': ...}`` (official format) or one string."""
-    raw = entry.get('answer', entry.get('answers'))
-    if raw is None:
-        raise KeyError(f"VQA annotation of question {entry.get('question_id')!r} has no 'answer'/'answers'")
-    raw = [raw] if isinstance(raw, str) else raw
-    answers = [a['answer'] if isinstance(a, Mapping) else a for a in raw]
-    if not answers:
-        raise ValueError(f"VQA annotation of question {entry.get('question_id')!r} has no answers")
-    return answers
-
-
-def _question_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Mean over the leave-one-annotator-out subsets of ``min(1, matches / 3)`` (in [0, 1]).
-
-    With a single answer there is no subset to leave one out of: the score is exact match (1 or 0).
-    """
-    pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in answers]
-    if len(gts) == 1:
-        return float(pred == gts[0])
-    matches = sum(g == pred for g in gts)
-    # leaving out a matching annotator removes one match; leaving out another one keeps them all
-    per_subset = [min(1.0, (matches - (g == pred)) / 3.0) for g in gts]
-    return sum(per_subset) / len(per_subset)
-
-
-def vqa_accuracy(results: list, annotations: list) -> float:
-    """Standard VQA accuracy (percent) of ``[{'question_id', 'answer'}]`` against annotations holding
-    ``question_id`` and the annotators' ``answer`` list (as data/vqa_dataset.py and data/toy.py write them)."""
-    by_id = {a['question_id']: a for a in annotations}
-    if not results:
-        raise ValueError('vqa_accuracy: no results')
-    total = 0.0
-    for r in results:
-        qid = r['question_id']
-        if qid not in by_id:
-            raise KeyError(f'vqa_accuracy: question_id {qid!r} of the results is not in the annotations')
-        total += _question_accuracy(str(r['answer']), _annotator_answers(by_id[qid]))
-    return 100.0 * total / len(results)
