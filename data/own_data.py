@@ -153,12 +153,14 @@ def plan_own_data(source: str, image_root: str = '', n_val: Optional[int] = None
     else:
         images, skipped = shard_images(source)
     if len(images) < 3:
+        lacking = f'; {skipped} samples lack an image or caption' if skipped else ''
         raise AnnotationError(f'own_data {source}: {len(images)} usable images; at least 3 are needed '
-                              f'(train, val, test)' + (f'; {skipped} samples lack an image or caption' if skipped else ''))
+                              f'(train, val, test){lacking}')
     default = min(1000, max(1, len(images) // 20))
     n_val, n_test = n_val or default, n_test or default
     if n_val + n_test >= len(images):
-        raise AnnotationError(f'own_data {source}: {len(images)} images cannot hold out {n_val} val + {n_test} test images')
+        raise AnnotationError(f'own_data {source}: {len(images)} images cannot hold out {n_val} val + {n_test} '
+                              f'test images')
     for k, image in enumerate(images):
         image.name = f'own_{k:06d}.jpg'   # .jpg whatever the format: the caption evaluation parses ids this way
     order = list(range(len(images)))

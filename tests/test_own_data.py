@@ -129,6 +129,8 @@ def write(path: Path, text: str) -> str:
     (lambda d, m: write(d / 'p.json', json.dumps([{'image': f'x{i}.jpg', 'caption': 'c'} for i in range(5)])),
      r'p\.json: entry 0: image x0\.jpg not found'),
     (lambda d, m: write(d / 'p.json', '{"image": "a.jpg"'), r'p\.json: not valid JSON'),
+    (lambda d, m: write(m / 'two.json', json.dumps([{'image': f'photos/holiday picture {i}.jpg', 'caption': 'c'}
+                                                    for i in range(2)])), r'2 usable images; at least 3 are needed'),
     (lambda d, m: write(d / 'p.csv', 'a.jpg,cat'), r'expected a JSON list .* or webdataset tar shards'),
     (lambda d, m: str(m / 'shards' / '{00000..00002}.tar'), r'no such shard file .*00002\.tar'),
     (lambda d, m: write(d / 'bad.tar', 'not a tar'), r'bad\.tar is not an uncompressed tar file'),
