@@ -14,7 +14,8 @@ seed, so the same input always gives the same split. The run writes what the COC
 their tar: evaluation needs finite files), ``annotation/coco_karpathy_{train,val,test}.json`` and
 ``annotation/coco_gt/coco_karpathy_{val,test}_gt.json`` (the caption evaluation reads an image's id from its file
 name, as the original does with COCO's). Training on shards reads each image straight from its tar at the byte
-offset found when the run starts (every run indexes the tar headers again), never extracted. The same folder can be written without a run:
+offset found when the run starts (every run indexes the tar headers again), never extracted. The same folder can
+be written without a run:
 
     python -m data.own_data my_pairs.json --out output/my_data [--image_root /photos] [--val 50 --test 50]
 """
