@@ -24,6 +24,8 @@ class CaptionConfig(VisionConfig):
     image_root: str = ''
     ann_root: str = ''
     coco_gt_root: str = ''
+    # not an original key: a JSON list of {image, caption} or tar shards that replace the data roots (data.own_data)
+    own_data: str = ''
     pretrained: str = ''
     batch_size: int = 32
     init_lr: float = 1e-5

@@ -26,6 +26,8 @@ class RetrievalConfig(VisionConfig):
     image_root: str = ''
     ann_root: str = ''
     dataset: str = 'coco'
+    # not an original key: a JSON list of {image, caption} or tar shards that replace the data roots (data.own_data)
+    own_data: str = ''
     pretrained: str = ''
     batch_size_train: int = 32
     batch_size_test: int = 64

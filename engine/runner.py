@@ -217,6 +217,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ data
     def datasets(self, name: str, **kwargs):
+        if self.config.get('own_data', ''):
+            return self._own_datasets(name)
         if self.config.get('toy_root', ''):
             # rank 0 writes the toy dataset once; the others wait, then find it complete
             if self.is_main:
@@ -224,6 +226,19 @@ class Run:
                 ensure_toy_dataset(self.config.toy_root, exact=False)
             du.barrier()
         return create_dataset(name, self.config, **kwargs)
+
+    def _own_datasets(self, name: str) -> tuple:
+        """``own_data: PATH`` (a pairs list or tar shards) in place of the config's roots: every rank reads and checks
+        it (a bad file stops all ranks alike), rank 0 writes the splits under ``output_dir/own_data``."""
+        from data.own_data import FOLDER, own_datasets, own_task, plan_own_data, write_own_data
+        task = own_task(name)
+        plan = plan_own_data(self.config.own_data)
+        folder = self.output_dir / FOLDER
+        if self.is_main:
+            counts = write_own_data(plan, folder)
+            print(f'own_data {self.config.own_data}: {json.dumps(counts)}, written to {folder}', flush=True)
+        du.barrier()
+        return own_datasets(task, self.config, folder)
 
     def loaders(self, datasets: list, is_trains: list[bool], batch_sizes: list[int], collate_fns=None,
                 distributed_eval: bool = True, persistent_train_workers: bool = False) -> list:
