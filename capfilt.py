@@ -44,7 +44,7 @@ from engine.capfilt.tar_shards import main_over_tar_shards
 from engine.config import UsageError, add_common_args, load_config, save_config
 from engine.cuda_graph import decoding_note
 from engine.distributed import read_dist_env
-from engine.lock import lock_output_dir
+from engine.lock import lock_output_dir, release_output_dir
 from engine.loop import AMP_DTYPES
 from engine.runner import resolve_device
 
@@ -79,9 +79,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         from data.toy import ensure_toy_dataset  # file-locked: concurrent ranks wait for the first
         ensure_toy_dataset(config.toy_root, exact=False)
     start = time.time()
-    if config.ann_shards:
-        return main_over_tar_shards(config, args, rank, world, device, amp_dtype, output_dir, start)
-    return run_over_json_list(config, args, rank, world, device, amp_dtype, output_dir, start)
+    run = main_over_tar_shards if config.ann_shards else run_over_json_list
+    try:
+        return run(config, args, rank, world, device, amp_dtype, output_dir, start)
+    finally:  # both sources: a caller running CapFilt twice in one process must not meet its own lock
+        release_output_dir(output_dir)
 
 
 if __name__ == '__main__':

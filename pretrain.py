@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
+from data.loading import stop_workers
 from data.shards import BatchInfo, ShardCollate, ShardProgress, ShardStream, count_keys, pretrain_stream
 from engine import distributed as du
 from engine.config import VisionConfig
@@ -246,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         stats = {**{f'train_{k}': v for k, v in {**train_stats, **counts}.items()}, 'epoch': epoch}
         run.log(stats)
         run.end_epoch(epoch)
+    stop_workers(train_loader)  # kept workers end before the process group does
     run.finish()
     return stats
 

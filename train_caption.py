@@ -85,8 +85,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_loader, val_loader, test_loader = run.loaders([train_set, val_set, test_set], [True, False, False],
                                                         [config.batch_size] * 3)
     model = blip_decoder(pretrained=config.pretrained, prompt=config.prompt, **config.model_kwargs())
-    # the captured training step is opt-in (cuda_graph: true): not yet run on a GPU
-    run.setup_model(model, graphed_step=True, graph_auto=False)
+    run.setup_model(model, graphed_step=True)
     step = (make_graphed_step(config, run.model_without_ddp, run.optimizer, sync_grads=run.distributed)
             if run.cuda_graph else caption_step)
     stats = {}

@@ -296,14 +296,13 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ model
     def setup_model(self, model: torch.nn.Module, find_unused_parameters: bool = False,
-                    graphed_step: bool = False, graph_auto: bool = True) -> torch.nn.Module:
+                    graphed_step: bool = False) -> torch.nn.Module:
         """Move to the device, wrap for the ``parallel`` mode (DDP or FSDP, ``engine.parallel``), build the
         optimizer over the wrapped model's parameters, resume if asked.
 
         ``graphed_step``: the script can replay its training step as CUDA graphs (``engine.cuda_graph.TrainStep``);
         the ``cuda_graph`` key then decides (empty = on where the conditions hold), and ``self.cuda_graph`` tells
-        the script. ``graph_auto=False``: empty means eager (a task whose captured step is not yet validated on a
-        GPU). Other scripts' ``cuda_graph`` key concerns decoding only."""
+        the script. Other scripts' ``cuda_graph`` key concerns decoding only."""
         model = model.to(self.device)
         if self.device.type == 'cuda':
             model = model.to(memory_format=torch.channels_last)
@@ -315,7 +314,7 @@ class Run:
             raise ConfigError(f"{key_source('checkpoint_format', self.args.config, self.args.options)}: "
                               f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "
                               f"{self.config.get('checkpoint_format')!r}")
-        graphed = self.cuda_graph = self._resolve_graphed_step(graph_auto) if graphed_step else False
+        graphed = self.cuda_graph = self._resolve_graphed_step() if graphed_step else False
         if graphed:
             if self.precision == 'fp16':
                 raise ConfigError(f'{self.args.config}: cuda_graph replays the update without a loss scaler: use '
@@ -360,7 +359,7 @@ class Run:
         first time after training: every rank reads it, as the scripts' evaluation functions do)."""
         return parallel.eval_model(self.model)
 
-    def _resolve_graphed_step(self, auto: bool = True) -> bool:
+    def _resolve_graphed_step(self) -> bool:
         """The ``cuda_graph`` key for the training step: as set, or (empty) on unless something rules it out."""
         value = self.config.get('cuda_graph', None)
         if value is not None:
@@ -373,9 +372,7 @@ class Run:
                      if self.config.get('vit_grad_ckpt', False) else []) +
                     (['parallel fsdp'] if self.config.get('parallel', 'ddp') == 'fsdp' else []) +
                     ([f'{du.get_world_size()} processes (the multi-process graph path is not yet validated on GPUs; '
-                      f'cuda_graph: true enables it)'] if self.distributed else []) +
-                    ([] if auto else ["this task's captured step is not yet validated on a GPU; cuda_graph: true "
-                                      "enables it"]))
+                      f'cuda_graph: true enables it)'] if self.distributed else []))
         if self.is_main:
             print(f'cuda_graph (empty = auto): the training step runs '
                   f'{"as CUDA graphs" if not blockers else "eagerly: " + "; ".join(blockers)}')

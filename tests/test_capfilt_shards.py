@@ -13,6 +13,7 @@ import capfilt
 import pretrain
 from data.shards import expand_shard_urls, iter_tar_samples, shard_count
 from engine.capfilt import folder, tar_shards
+from engine.lock import LOCK_NAME
 import tests.test_capfilt as base
 
 N_WEB = base.N_WEB
@@ -50,6 +51,7 @@ def shard_run(setup, shards, module_dir):
 
 def test_over_shards_scores_like_the_json_list_and_writes_shards(setup, shards, shard_run, tmp_path):
     out, summary = shard_run
+    assert (out / LOCK_NAME).read_text() == ''  # the folder's lock is released at the end (a held one names its pid)
     assert summary['images_seen'] == N_WEB + 1 and summary['bad_images'] == 1
     assert 'undecodable' in summary['bad_image_errors'][0]['error']
     urls = expand_shard_urls(summary['train_shards'])

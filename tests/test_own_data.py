@@ -15,11 +15,11 @@ import train_retrieval
 from data.loading import AnnotationError
 from data.own_data import main as own_data, own_shard_train, plan_own_data, write_own_data
 from data.toy import ensure_toy_dataset
-from engine import evaluation
+from engine import caption_metrics
 from tests.toy_runs import ROOT
 
 # the Java scorers (METEOR, SPICE) take most of a toy caption run; BLEU and CIDEr still score the GT files written
-FAST_SCORERS = [(f, names) for f, names in evaluation.CAPTION_SCORERS if names[0] in ('Bleu_1', 'CIDEr')]
+FAST_SCORERS = [(f, names) for f, names in caption_metrics.CAPTION_SCORERS if names[0] in ('Bleu_1', 'CIDEr')]
 SPEED = ['num_workers=0', 'image_size=32', 'max_epoch=1']
 RUN_OPTIONS = {'caption': ['batch_size=8', 'max_length=8', 'num_beams=1'],
                'retrieval': ['batch_size_train=8', 'batch_size_test=8', 'queue_size=16', 'k_test=4']}

@@ -380,14 +380,24 @@ def test_where_flock_is_unsupported_the_lock_is_an_exclusive_file_and_a_dead_hol
         lock.OutputDirLock(tmp_path).acquire()
 
 
+def _signal_then_sleep(started, seconds: float) -> None:
+    started.set()
+    time.sleep(seconds)
+
+
 def test_a_forked_child_does_not_keep_the_output_dir_lock(tmp_path):
     """DataLoader workers outlive a SIGKILLed run by seconds; they held its flock (a forked copy of the same open
     file), so an immediate --resume auto was refused naming the dead run (issue 25's flaky kill-and-resume test)."""
     import multiprocessing
     from engine import lock
     held = lock.lock_output_dir(tmp_path)
-    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,), daemon=True)
+    ctx = multiprocessing.get_context('fork')
+    started = ctx.Event()
+    child = ctx.Process(target=_signal_then_sleep, args=(started, 60), daemon=True)
     child.start()
+    # the fork handlers run in the child before its target: on a loaded machine the parent would otherwise race
+    # ahead of a child that has not run yet
+    assert started.wait(60)
     try:
         with pytest.raises(lock.OutputDirInUse):   # the parent's lock still holds while the child lives
             lock.OutputDirLock(tmp_path).acquire()

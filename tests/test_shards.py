@@ -23,6 +23,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
+from data.loading import stop_workers
 from data.pretrain_dataset import load_annotation_index, pretrain_dataset
 from data.shards import (DirtLimits, Shard, ShardCollate, ShardProgress, ShardStream, buffer_order, expand_shard_urls,
                          json_shards, shard_count, to_rgb)
@@ -134,6 +135,11 @@ def test_persistent_workers_get_each_epoch_as_fresh_workers_do(toy):
         assert kept == [_hashes(image) for image, _ in DataLoader(listed, batch_size=4, sampler=sampler, num_workers=2)]
         per_epoch.append(kept)
     assert per_epoch[0] != per_epoch[1]   # another epoch, other augmentation draws
+    # pretrain.py ends kept workers itself before the process group goes (not at interpreter exit)
+    workers = list(kept_loader._iterator._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    stop_workers(kept_loader)
+    assert not any(w.is_alive() for w in workers) and kept_loader._iterator is None
 
 
 def test_pretraining_keeps_its_workers_only_where_they_need_nothing_more_between_epochs():

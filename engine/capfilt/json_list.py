@@ -23,7 +23,6 @@ from engine.capfilt.report import write_html_report
 from engine.capfilt.scoring import build_models, image_path, run_shard
 from engine.capfilt.selection import PairWriter, ScoreTally, kept_captions, report_indices
 from engine.config import ConfigError
-from engine.lock import release_output_dir
 from transform import create_transforms
 
 def check_inputs(config: CapFiltConfig, entries: Sequence[dict], source: str) -> None:
@@ -137,5 +136,4 @@ def run_over_json_list(config: CapFiltConfig, args, rank: int, world: int, devic
                    images_per_s=new_images / wall if new_images else None)
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}), flush=True)
-    release_output_dir(output_dir)
     return summary
