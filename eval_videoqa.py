@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 
 from data.videoqa_dataset import videoqa_collate_fn
+from engine.config import VisionConfig
 from engine.results import save_result
-from engine.runner import CommonConfig, Run, progress
+from engine.runner import Run, progress
 from engine.vqa_eval import vqa_accuracy
 from models.blip_vqa import blip_vqa
 from models.video_qa import answer_video_questions, tokenize_candidates
@@ -30,7 +31,7 @@ INFERENCE = ('rank', 'generate')
 
 
 @dataclass
-class VideoQAConfig(CommonConfig):
+class VideoQAConfig(VisionConfig):
     video_root: str = ''
     test_file: str = ''
     answer_list: str = ''
@@ -38,10 +39,8 @@ class VideoQAConfig(CommonConfig):
     video_name: str = 'video{}'
     video_mapping: str = ''
     pretrained: str = ''
-    vit: object = 'base'
     batch_size: int = 8
     frame_chunk: int = 32
-    image_size: int = 384
     num_frm_test: int = 16
     inference: str = 'rank'
     k_test: int = 128
@@ -82,8 +81,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     check_config(config, run.args.config)
     test_set = run.datasets('videoqa')
     (loader,) = run.loaders([test_set], [False], [config.batch_size], collate_fns=[videoqa_collate_fn])
-    model = blip_vqa(pretrained=config.pretrained, image_size=config.image_size, vit=config.vit,
-                     med_config=config.med_config).to(run.device).eval()
+    model = blip_vqa(pretrained=config.pretrained, **config.model_kwargs()).to(run.device).eval()
     results = answer_all(run, model, loader)
     # distributed samplers pad with duplicates: keep one answer per question
     path = save_result(results, run.result_dir, 'videoqa_test', remove_duplicate='question_id')

@@ -38,6 +38,7 @@ from data.coco_karpathy_dataset import (coco_karpathy_caption_eval, coco_karpath
                                         coco_karpathy_train, dense_image_index)
 from data.loading import (AnnotationError, BadSampleError, RobustDataset, check_entries, load_image, load_json_list)
 from data.utils import pre_caption
+from engine.atomic import atomic_write_text
 
 SCHEMA = {'image': str, 'caption': str}
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -171,10 +172,7 @@ def plan_own_data(source: str, image_root: str = '', n_val: Optional[int] = None
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj), fsync=False)  # rebuilt by a rerun: no need to wait for the disk
 
 
 def coco_gt(images: list[OwnImage]) -> dict:

@@ -95,6 +95,14 @@ def full_run(setup, module_dir) -> tuple[Path, dict]:
     return out, run_capfilt(setup, out, 'threshold=0.0')
 
 
+def copy_scored_shards(out: Path, copy: Path) -> Path:
+    """A new output folder holding ``out``'s scored shards only: a rerun there merges without scoring again."""
+    (copy / 'shards').mkdir(parents=True)
+    for f in (out / 'shards').iterdir():
+        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    return copy
+
+
 def test_threshold_zero_keeps_everything(setup, full_run):
     out, summary = full_run
     n_good = N_WEB
@@ -147,10 +155,7 @@ def test_bad_image_counted_not_fatal(full_run):
 
 def test_threshold_one_removes_everything_and_remerges_without_models(setup, full_run, tmp_path, monkeypatch):
     out, _ = full_run
-    copy = tmp_path / 'out'
-    (copy / 'shards').mkdir(parents=True)
-    for f in (out / 'shards').iterdir():
-        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    copy = copy_scored_shards(out, tmp_path / 'out')
     # finished shards hold scores, so a new threshold needs no model at all
     monkeypatch.setattr(json_list, 'build_models', lambda *a: pytest.fail('models rebuilt for a re-merge'))
     summary = run_capfilt(setup, copy, 'threshold=1.0')
@@ -164,10 +169,7 @@ def test_threshold_splits_by_score(setup, full_run, tmp_path):
     scores = sorted(r['w'] for f in sorted((out / 'shards').glob('shard_*.json'))
                     for r in json.loads(f.read_text())['records'])
     threshold = (scores[3] + scores[4]) / 2  # 4 web captions below, 8 above
-    copy = tmp_path / 'out'
-    (copy / 'shards').mkdir(parents=True)
-    for f in (out / 'shards').iterdir():
-        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    copy = copy_scored_shards(out, tmp_path / 'out')
     summary = run_capfilt(setup, copy, f'threshold={threshold}', 'keep=both')
     assert summary['web_kept'] == N_WEB - 4 and summary['web_removed'] == 4
 
@@ -183,10 +185,7 @@ def test_keep_web_has_no_synthetic_captions(setup, tmp_path):
 
 def test_keep_synthetic_drops_web_captions(setup, full_run, tmp_path):
     out, full = full_run
-    copy = tmp_path / 'out'
-    (copy / 'shards').mkdir(parents=True)
-    for f in (out / 'shards').iterdir():
-        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    copy = copy_scored_shards(out, tmp_path / 'out')
     summary = run_capfilt(setup, copy, 'threshold=0.0', 'keep=synthetic')
     pairs = read_output(copy)[:-3]
     assert summary['web_pairs_out'] == 0 and len(pairs) == summary['synthetic_pairs_out'] > 0
@@ -200,10 +199,7 @@ def test_keep_web_remerges_shards_made_with_captions_but_makes_no_new_ones_among
     """The README's promise: a new keep mode only re-merges (the synthetic captions are not read), even with
     the captioner left out; but a missing shard would be made without captions among shards that have them."""
     out, full = full_run
-    copy = tmp_path / 'out'
-    (copy / 'shards').mkdir(parents=True)
-    for f in (out / 'shards').iterdir():
-        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    copy = copy_scored_shards(out, tmp_path / 'out')
     summary = run_capfilt(setup, copy, 'threshold=0.0', 'keep=web', 'captioner=')
     assert summary['web_pairs_out'] == full['web_kept'] and summary['synthetic_pairs_out'] == 0
     assert summary['num_captions'] == 0 and summary['synthetic_kept'] + summary['synthetic_removed'] == 0
@@ -215,10 +211,7 @@ def test_keep_web_remerges_shards_made_with_captions_but_makes_no_new_ones_among
 
 def test_changed_generation_settings_refuse_old_shards(setup, full_run, tmp_path):
     out, _ = full_run
-    copy = tmp_path / 'out'
-    (copy / 'shards').mkdir(parents=True)
-    for f in (out / 'shards').iterdir():
-        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    copy = copy_scored_shards(out, tmp_path / 'out')
     with pytest.raises(RuntimeError, match='other data or settings'):
         run_capfilt(setup, copy, 'threshold=0.0', 'num_captions=3')
 
@@ -398,10 +391,7 @@ def test_changed_settings_are_named_and_overwrite_starts_over(setup, full_run, t
     """The refusal said only that two fingerprints differ, and --overwrite (listed in --help) had no effect."""
     import capfilt
     out, full = full_run
-    copy = tmp_path / 'out'
-    (copy / 'shards').mkdir(parents=True)
-    for f in (out / 'shards').iterdir():
-        (copy / 'shards' / f.name).write_bytes(f.read_bytes())
+    copy = copy_scored_shards(out, tmp_path / 'out')
     with pytest.raises(folder.ShardMismatchError, match=r'num_captions: \d+ -> 3'):
         run_capfilt(setup, copy, 'threshold=0.0', 'num_captions=3')
     summary = capfilt.main(['--config', str(setup['config']), '--output_dir', str(copy), '--device', 'cpu',

@@ -207,10 +207,8 @@ def test_pretrain_checkpoint_exports_each_task_when_asked(tmp_path):
 
 def test_export_of_a_checkpoint_with_missing_keys_is_refused_naming_them(tmp_path):
     ours = BLIP_Decoder(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT))
-    sd = ours.state_dict()
     gone = ['text_decoder.bert.encoder.layer.1.crossattention.self.key.weight', 'visual_encoder.norm.bias']
-    torch.save({'model': {k: v for k, v in sd.items() if k not in gone},
-                'config': {'vit': dict(TINY_VIT), 'med_config': dict(TINY_MED)}}, tmp_path / 'broken.pth')
+    save(ours, tmp_path / 'broken.pth', drop=gone)
     with pytest.raises(SystemExit) as e:
         convert_main(['--to-hf', str(tmp_path / 'broken.pth'), str(tmp_path / 'hf')])
     message = str(e.value)

@@ -147,10 +147,8 @@ def test_feature_export_of_a_model_without_projections(tmp_path):
 
 def test_export_of_a_checkpoint_with_missing_keys_is_refused_naming_them(tmp_path):
     ours = BLIP_ITM(med_config=dict(TINY_MED), image_size=TINY_IMAGE, vit=dict(TINY_VIT))
-    sd = ours.state_dict()
     gone = ['itm_head.weight', 'text_encoder.encoder.layer.0.crossattention.self.value.bias']
-    torch.save({'model': {k: v for k, v in sd.items() if k not in gone},
-                'config': {'vit': dict(TINY_VIT), 'med_config': dict(TINY_MED)}}, tmp_path / 'broken.pth')
+    save(ours, tmp_path / 'broken.pth', drop=gone)
     with pytest.raises(SystemExit) as e:
         export_main([str(tmp_path / 'broken.pth'), str(tmp_path / 'onnx'), '--task', 'itm'])
     assert 'lacks 2 key(s)' in str(e.value) and all(k in str(e.value) for k in gone)

@@ -1,5 +1,6 @@
 """Tiny model sizes and weights shared by the tests (CPU-fast, same code paths as the real sizes)."""
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -24,9 +25,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def save_tiny(model: torch.nn.Module, path: Path, vit: dict = TINY_VIT, image_size: int = TINY_IMAGE) -> Path:
+def save_tiny(model: torch.nn.Module, path: Path, vit: dict = TINY_VIT, image_size: int = TINY_IMAGE,
+              drop: Sequence[str] = ()) -> Path:
     """``model`` as a checkpoint file with the config the exporters read its sizes from (``vit``, ``image_size``,
-    ``med_config``)."""
+    ``med_config``); ``drop``: keys left out (a checkpoint the exporters must refuse)."""
     config = {'vit': dict(vit), 'image_size': image_size, 'med_config': dict(TINY_MED)}
-    torch.save({'model': model.state_dict(), 'config': config}, path)
+    state = {k: v for k, v in model.state_dict().items() if k not in set(drop)}
+    torch.save({'model': state, 'config': config}, path)
     return path

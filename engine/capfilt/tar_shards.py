@@ -23,6 +23,7 @@ from data.pretrain_dataset import load_annotation_index
 from data.shards import (DirtLimits, DirtySample, check_caption, expand_shard_urls, iter_tar_samples, open_checked,
                          tar_image_bytes, to_rgb)
 from data.utils import pre_caption
+from engine.atomic import atomic_write
 from engine.capfilt.config import CapFiltConfig, captions_per_image
 from engine.capfilt.folder import (REPORT_FILE, SUMMARY_FILE, check_manifest, fingerprint, shard_path,
                                    wait_for_shards, write_atomic, write_json_atomic)
@@ -94,10 +95,8 @@ def write_output_shard(path: Path, record: dict, config) -> int:
     import webdataset as wds
 
     kept = {r['i']: r for r in record['records']}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     count = 0
-    with open(tmp, 'wb') as f:
+    with atomic_write(path) as f:
         writer = wds.TarWriter(f, mtime=0, encoder=False)
         for offset, sample in enumerate(iter_tar_samples(record['url'])):
             r = kept.get(offset)
@@ -111,7 +110,6 @@ def write_output_shard(path: Path, record: dict, config) -> int:
                               'json': json.dumps(meta).encode()})
                 count += 1
         writer.close()
-    os.replace(tmp, path)
     write_json_atomic(path.with_name(path.name.removesuffix('.tar') + '_stats.json'),
                               {'count': count, 'successes': count, **settings(config)})
     return count
