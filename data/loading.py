@@ -250,10 +250,9 @@ class SharedInts:
 def stop_workers(loader: torch.utils.data.DataLoader) -> None:
     """End a loader's kept (``persistent_workers``) worker processes now.
 
-    Left alive, they are shut down by the iterator's finaliser at interpreter exit, after the process group is
-    destroyed; a 2-node toy run once aborted there ('terminate called without an active exception'), so a script
-    that keeps workers stops them before ``Run.finish``. DataLoader has no public call for this: its iterator's
-    ``_shutdown_workers`` is what its own finaliser runs."""
+    Left alive, they are shut down by the iterator's finaliser during interpreter exit, after the process group is
+    gone; a script that keeps workers stops them before ``Run.finish`` so that the end of a run is ordered.
+    DataLoader has no public call for this: its iterator's ``_shutdown_workers`` is what its own finaliser runs."""
     iterator = getattr(loader, '_iterator', None)
     if iterator is not None and hasattr(iterator, '_shutdown_workers'):
         iterator._shutdown_workers()
